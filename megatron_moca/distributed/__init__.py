@@ -1,0 +1,1 @@
+"""Process groups, megatron parallel state, seeding, and the CPU adaptations (cpu.py)."""

@@ -1,0 +1,127 @@
+"""Process groups (nccl on GPU, gloo on CPU), megatron parallel_state for TP/PP/DP, and seeding.
+
+Works the same under torchrun (RANK/WORLD_SIZE/MASTER_* from the environment) and as a plain single
+process (a local rendezvous on a free port).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_moca.errors import UserError
+
+
+@dataclass
+class ParallelLayout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    world_size: int
+    rank: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline_model_parallel_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group() -> None:
+    """Initialise torch.distributed if needed: from torchrun's env, else as a world of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        from megatron_moca.distributed import cpu
+
+        cpu.install()
+        dist.init_process_group("gloo")
+
+
+def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+               seed: int = 1234) -> ParallelLayout:
+    """Set up process groups + megatron parallel_state and seed every RNG; return the layout."""
+    init_process_group()
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size()
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise UserError(f"world size {world} is not a multiple of tensor_model_parallel_size x "
+                        f"pipeline_model_parallel_size = {tp} x {pp}")
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() != tp
+                or parallel_state.get_pipeline_model_parallel_world_size() != pp):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    seed_all(seed + 100 * parallel_state.get_pipeline_model_parallel_rank(), tp_rank)
+    return current_layout()
+
+
+def current_layout() -> ParallelLayout:
+    from megatron.core import parallel_state as ps
+
+    return ParallelLayout(
+        world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        data_parallel_size=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def seed_all(seed: int, tp_rank: int) -> None:
+    """Seed python, numpy and torch, and megatron's model-parallel RNG tracker."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        from megatron_moca.distributed import cpu
+
+        cpu.manual_seed(seed, tp_rank)
+
+
+def shutdown() -> None:
+    """Tear down megatron parallel state and the process group (tests, CLI exit)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

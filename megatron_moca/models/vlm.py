@@ -1,0 +1,123 @@
+"""The composed model: Qwen2.5-VL vision tower + Qwen2 LLM on megatron-core, bidirectional or causal.
+
+Pipeline-aware: the vision tower and the embedding live on the first stage, the final norm and the
+output layer on the last. `forward` returns hidden states [s, b, h] (after the final norm on the last
+stage); `logits` applies the output layer (vocab-parallel) to any selection of them, so heads (MLM
+at masked positions only, MAE decoder, pooling) never need logits for every position. The model
+knows nothing of losses or the training loop.
+
+Batch convention (all stages receive the same batch):
+  input_ids [b, s]; position_ids [3, b, s] M-RoPE ids (computed if None);
+  document_ids [b, s] (packed-document index per token, negative = padding; None = one document
+  per row, no padding); pixel_values [N, 1176] and image_grid_thw [n, 3] for the images in order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megatron_moca.config.model import ModelConfig
+from megatron_moca.errors import UserError
+from megatron_moca.models.attention import allowed_from_document_ids
+from megatron_moca.models.norms import RMSNorm
+from megatron_moca.models.rope_index import get_rope_index
+from megatron_moca.models.specs import llm_layer_spec, resolve_backend
+from megatron_moca.models.transformer_configs import language_transformer_config, vision_transformer_config
+from megatron_moca.models.vision import VisionTower
+
+
+class MocaVLM(MegatronModule):
+    def __init__(self, cfg: ModelConfig, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                 initialize: bool = True):
+        cfg.validate(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        llm_config = language_transformer_config(cfg, initialize)
+        super().__init__(config=llm_config)
+        self.cfg = cfg
+        self.pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
+        self.post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
+        self.backend = resolve_backend(cfg.attention_backend)
+        self.causal = cfg.attention == "causal"
+        layer_spec = llm_layer_spec(self.backend, self.causal)
+        if self.backend == "te":
+            from megatron.core.extensions.transformer_engine import TENorm as final_norm
+        else:
+            final_norm = RMSNorm
+        block = TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(llm_config),
+                                           layer_norm=final_norm)
+        lang = cfg.language
+        self.language = GPTModel(
+            config=llm_config, transformer_layer_spec=block, vocab_size=lang.vocab_size,
+            max_sequence_length=lang.max_position_embeddings, pre_process=self.pre_process,
+            post_process=self.post_process, parallel_output=True,
+            share_embeddings_and_output_weights=lang.tie_word_embeddings, position_embedding_type="mrope",
+            rotary_base=int(lang.rope_theta))
+        self.vision = (VisionTower(vision_transformer_config(cfg, initialize), cfg.vision, lang.hidden_size)
+                       if self.pre_process else None)
+
+    # -- pipeline plumbing -------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language.set_input_tensor(input_tensor)
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def position_ids(self, input_ids, image_grid_thw=None, document_ids=None) -> torch.Tensor:
+        return get_rope_index(input_ids, image_grid_thw, image_token_id=self.cfg.tokens.image_token_id,
+                              spatial_merge_size=self.cfg.vision.spatial_merge_size, document_ids=document_ids)[0]
+
+    def attention_mask(self, document_ids: Optional[torch.Tensor], batch: int, seq: int, device):
+        """The mask the chosen backend takes (see models/attention.py for the convention)."""
+        if document_ids is not None and bool((document_ids == document_ids[:, :1]).all()) \
+                and bool((document_ids[:, 0] >= 0).all()):
+            document_ids = None  # one document per row, no padding: the unmasked fast path
+        if self.backend == "local":
+            # the stock attention ignores attn_mask_type when given a mask: build it complete
+            ids = document_ids if document_ids is not None else torch.zeros(batch, seq, dtype=torch.long,
+                                                                                 device=device)
+            return ~allowed_from_document_ids(ids, self.causal)
+        if self.backend == "te" and document_ids is not None:
+            if bool(((document_ids != 0) & (document_ids >= 0)).any()):
+                raise UserError("attention_backend='te' takes padded batches of single documents here; "
+                                "packed documents need attention_backend=flash or flex")
+            return (document_ids < 0)[:, None, None, :]
+        return document_ids
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings [s, b, h] with the vision tower's outputs at the <|image_pad|> positions."""
+        emb = self.language.embedding(input_ids=input_ids, position_ids=None)
+        if pixel_values is not None:
+            vis = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+            slots = input_ids == self.cfg.tokens.image_token_id
+            if int(slots.sum()) != vis.shape[0]:
+                raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {vis.shape[0]} "
+                                 "embeddings")
+            emb = emb.transpose(0, 1).masked_scatter(slots[..., None], vis).transpose(0, 1).contiguous()
+        elif self.training and self.vision is not None:
+            # text-only batch: keep every vision parameter in the graph (zero gradient) so DDP buckets
+            # and the distributed optimizer see the same parameter set on every step
+            dummy = self.vision(torch.zeros(self.cfg.vision.merge_unit, self.cfg.vision.patch_dim, device=emb.device),
+                                torch.tensor([[1, self.cfg.vision.spatial_merge_size, self.cfg.vision.spatial_merge_size]]))
+            emb = emb + 0.0 * dummy.sum().to(emb.dtype)
+        return emb
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, image_grid_thw, document_ids)
+        mask = self.attention_mask(document_ids, b, s, input_ids.device)
+        rotary = self.language.rotary_pos_emb(position_ids, self.config.mrope_section)
+        hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+
+    def logits(self, hidden: torch.Tensor, gather: bool = False) -> torch.Tensor:
+        """Output layer on hidden states [..., h] (last stage): vocab-parallel logits, or full if gather."""
+        weight = self.language.shared_embedding_or_output_weight() if self.cfg.language.tie_word_embeddings else None
+        out, _ = self.language.output_layer(hidden, weight=weight)
+        return tensor_parallel.gather_from_tensor_model_parallel_region(out) if gather else out

@@ -1,0 +1,29 @@
+"""megatron_moca: MoCa bidirectional multimodal embeddings (Qwen2.5-VL) on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_moca",
+    version="0.1.0",
+    description="MoCa modality-aware continual pre-training and contrastive fine-tuning of Qwen2.5-VL "
+                "on Megatron-Core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_moca", "megatron_moca.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.20",
+        "transformers>=4.52",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy",
+        "psutil",  # megatron dist-checkpoint save needs it but does not declare it (hangs without)
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
+)
