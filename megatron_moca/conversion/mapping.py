@@ -85,8 +85,7 @@ def to_mcore(rule: Rule, tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> t
     if rule.kind == "patch":
         return tensors[0].reshape(tensors[0].shape[0], -1)
     if rule.kind == "llm_qkv":
-        lang = cfg.language
-        groups, d = lang.num_query_groups, lang.head_dim
+        groups = cfg.language.num_query_groups
         q, k, v = tensors
         tail = q.shape[1:]
         per_group = [t.reshape(groups, -1, *tail) for t in (q, k, v)]

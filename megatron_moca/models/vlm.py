@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -40,6 +41,7 @@ class MocaVLM(MegatronModule):
         llm_config = language_transformer_config(cfg, initialize)
         super().__init__(config=llm_config)
         self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
         self.post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
         self.backend = resolve_backend(cfg.attention_backend)
@@ -64,6 +66,21 @@ class MocaVLM(MegatronModule):
     # -- pipeline plumbing -------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
         self.language.set_input_tensor(input_tensor)
+
+    def set_attention(self, mode: str) -> None:
+        """Switch 'bidirectional' <-> 'causal' after construction (not with TE, which caches it)."""
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if mode not in ("bidirectional", "causal"):
+            raise UserError(f"attention mode {mode!r}: expected 'bidirectional' or 'causal'")
+        if self.backend == "te":
+            raise UserError("the TE backend fixes the attention mask type at construction; rebuild the model")
+        self.causal = mode == "causal"
+        self.cfg.attention = mode
+        mask_type = AttnMaskType.causal if self.causal else AttnMaskType.no_mask
+        for layer in self.language.decoder.layers:
+            layer.self_attention.attn_mask_type = mask_type
+            layer.self_attention.core_attention.attn_mask_type = mask_type
 
     # -- pieces ------------------------------------------------------------------------------------
     def position_ids(self, input_ids, image_grid_thw=None, document_ids=None) -> torch.Tensor:

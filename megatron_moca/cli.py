@@ -1,0 +1,114 @@
+"""The `moca` command. Heavy packages are imported inside each command, never at startup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from megatron_moca.errors import UserError
+
+
+def _cmd_env(args) -> int:
+    from megatron_moca.env import environment_report
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_hf_to_mcore(args) -> int:
+    from megatron_moca.conversion.convert import hf_to_mcore
+
+    out = hf_to_mcore(args.hf, args.output, tp=args.tp, pp=args.pp, attention=args.attention)
+    print(f"wrote {out['output']} ({out['dtype']}) in {out['seconds']} s")
+    return 0
+
+
+def _cmd_mcore_to_hf(args) -> int:
+    from megatron_moca.conversion.convert import mcore_to_hf
+
+    out = mcore_to_hf(args.checkpoint, args.output, hf_base=args.hf_base,
+                      max_shard_bytes=int(args.max_shard_gib * 2**30))
+    copied = ", ".join(out["copied"]) or "none"
+    print(f"wrote {out['output']}: {out['shards']} safetensors shard(s), side files copied: {copied}, "
+          f"in {out['seconds']} s")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    import torch
+
+    from megatron_moca.conversion.verify import verify
+
+    result = verify(args.hf, args.checkpoint, dtype=getattr(torch, args.dtype))
+    for mode, diff in result.logits_diff.items():
+        print(f"{mode} logits max_abs_diff={diff:.3e}")
+    ok = result.max_abs_diff <= args.tolerance and not result.mismatched_tensors
+    if result.mismatched_tensors:
+        shown = ", ".join(result.mismatched_tensors[:5])
+        print(f"moca: error: {len(result.mismatched_tensors)} tensor(s) differ between {args.hf} and "
+              f"{args.checkpoint}: {shown}", file=sys.stderr)
+    elif not ok:
+        print(f"moca: error: logits differ by {result.max_abs_diff:.3e} > tolerance {args.tolerance:g}",
+              file=sys.stderr)
+    print(f"max_abs_diff={result.max_abs_diff:.6e}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
+                                                              "Megatron-Core")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    env = sub.add_parser("env", help="versions of torch, megatron-core, TE, transformers, DALI, flash-attn, GPU")
+    env.add_argument("--json", action="store_true", help="print one JSON object")
+    env.set_defaults(func=_cmd_env)
+
+    convert = sub.add_parser("convert", help="checkpoint conversion between Hugging Face and Megatron")
+    csub = convert.add_subparsers(dest="direction", required=True)
+    h2m = csub.add_parser("hf-to-mcore", help="HF Qwen2.5-VL folder -> megatron_moca dist checkpoint")
+    h2m.add_argument("--hf", required=True, help="HF folder (config.json + safetensors)")
+    h2m.add_argument("--output", required=True, help="new or empty directory")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor parallel size the checkpoint is meant for")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline parallel size the checkpoint is meant for")
+    h2m.add_argument("--attention", choices=("bidirectional", "causal"), default="bidirectional")
+    h2m.set_defaults(func=_cmd_hf_to_mcore)
+    m2h = csub.add_parser("mcore-to-hf", help="megatron_moca dist checkpoint -> HF folder")
+    m2h.add_argument("--checkpoint", required=True, help="run directory or iter_ folder")
+    m2h.add_argument("--output", required=True, help="new or empty directory")
+    m2h.add_argument("--hf-base", default=None, help="HF folder whose tokenizer/processor files are copied")
+    m2h.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard")
+    m2h.set_defaults(func=_cmd_mcore_to_hf)
+    ver = csub.add_parser("verify", help="compare the HF and Megatron models on a fixed batch")
+    ver.add_argument("--hf", required=True)
+    ver.add_argument("--checkpoint", required=True)
+    ver.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted logits difference")
+    ver.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ver.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"moca: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            from megatron_moca.distributed.runtime import shutdown
+
+            shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

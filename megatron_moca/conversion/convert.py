@@ -1,0 +1,96 @@
+"""`moca convert hf-to-mcore` and `moca convert mcore-to-hf`: one CPU process, about one model copy.
+
+Both directions build the unsharded model (TP=1, PP=1) without initialising it, stream tensors
+through the mapping table one at a time, and write into a sibling staging folder that is renamed
+onto the output only when complete: a failed conversion leaves nothing behind, and an existing
+non-empty output is refused before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint, save_model
+from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
+from megatron_moca.conversion.hf_io import SafetensorsReader, copy_side_files, read_config, write_sharded
+from megatron_moca.conversion.weights import check_hf_keys, load_hf_into_model, model_to_hf
+from megatron_moca.errors import UserError
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def check_output_dir(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"{path}: output exists and is not an empty directory; choose a new path")
+
+
+@contextlib.contextmanager
+def staged_output(path: str):
+    """Yield a staging folder next to `path`; rename it to `path` on success, delete it on failure."""
+    check_output_dir(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty, checked above
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unsharded_model(cfg):
+    from megatron_moca.distributed import runtime
+    from megatron_moca.models.vlm import MocaVLM
+
+    runtime.initialize(1, 1)
+    cfg.attention_backend = "sdpa" if cfg.attention_backend in ("te", "flash") else cfg.attention_backend
+    return MocaVLM(cfg, initialize=False)
+
+
+def hf_to_mcore(hf_dir: str, output: str, tp: int = 1, pp: int = 1, attention: str = "bidirectional") -> dict:
+    """Convert a HF Qwen2.5-VL folder to a megatron_moca dist checkpoint; returns a summary."""
+    t0 = time.time()
+    check_output_dir(output)
+    cfg = model_config_from_hf(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    cfg.attention = attention
+    cfg.validate(tp, pp)
+    reader = SafetensorsReader(hf_dir)
+    check_hf_keys(reader.keys(), cfg, hf_dir)
+    dtype = reader.get("model.norm.weight").dtype
+    cfg.params_dtype = DTYPE_NAMES.get(dtype, "float32")
+    model = _unsharded_model(cfg)
+    load_hf_into_model(model, reader.get, cfg, hf_dir)
+    with staged_output(output) as staging:
+        # torch_dist checkpoints hold global tensors: they load at any TP/PP; tp/pp were validated
+        save_model(model, cfg, staging, 0, extra={"converted_from": os.path.abspath(hf_dir),
+                                                  "target_layout": {"tensor_model_parallel_size": tp,
+                                                                    "pipeline_model_parallel_size": pp}})
+    return {"output": output, "seconds": round(time.time() - t0, 2), "dtype": cfg.params_dtype}
+
+
+def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_bytes: int = 5 * 2**30) -> dict:
+    """Convert a megatron_moca dist checkpoint (any TP/PP it was saved at) to a HF folder."""
+    t0 = time.time()
+    check_output_dir(output)
+    folder = resolve_checkpoint(checkpoint)
+    if hf_base is not None and not os.path.isdir(hf_base):
+        raise UserError(f"--hf-base {hf_base}: not a directory")
+    cfg = read_model_config(folder)
+    model = _unsharded_model(cfg)
+    load_model(model, folder)
+    with staged_output(output) as staging:
+        files = write_sharded(model_to_hf(model, cfg), staging, max_shard_bytes)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(hf_config_from_model(cfg, cfg.params_dtype), f, indent=2)
+        copied = copy_side_files(hf_base, staging) if hf_base else []
+    return {"output": output, "seconds": round(time.time() - t0, 2), "shards": len(files), "copied": copied}

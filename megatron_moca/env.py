@@ -1,0 +1,51 @@
+"""`moca env`: package versions, accelerator, and the attention backend a run would use.
+
+Versions come from package metadata, so reporting Transformer Engine or DALI never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+from typing import Dict
+
+PACKAGES = {
+    "torch": ("torch",),
+    "megatron-core": ("megatron-core", "megatron_core"),
+    "transformer-engine": ("transformer-engine", "transformer_engine", "transformer-engine-torch"),
+    "transformers": ("transformers",),
+    "nvidia-dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali"),
+    "flash-attn": ("flash-attn", "flash_attn"),
+    "apex": ("apex",),
+    "webdataset": ("webdataset",),
+    "megatron-energon": ("megatron-energon",),
+}
+
+
+def _version(names) -> str:
+    for name in names:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def environment_report() -> Dict[str, str]:
+    import torch
+
+    from megatron_moca import __version__
+    from megatron_moca.models.specs import available_kernels, resolve_backend
+
+    report = {"megatron_moca": __version__, "python": platform.python_version()}
+    report.update({name: _version(dists) for name, dists in PACKAGES.items()})
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        report["gpu"] = f"{torch.cuda.device_count()} x {props.name} (sm_{props.major}{props.minor}, " \
+                        f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    else:
+        report["gpu"] = "none (CPU: gloo process groups, megatron CUDA calls adapted by distributed/cpu.py)"
+    kernels = available_kernels()
+    report["attention_backend(auto)"] = resolve_backend("auto")
+    report["attention_kernels"] = ", ".join(k for k, ok in kernels.items() if ok and k != "cuda")
+    return report

@@ -1,0 +1,60 @@
+"""Model-building helpers shared by the CPU integration tests."""
+
+import torch
+
+from megatron_moca.conversion.hf_config import hf_config_from_model
+from megatron_moca.conversion.mapping import normalize_hf_key
+
+
+def hf_model(cfg, seed=0):
+    """A random transformers Qwen2_5_VLForConditionalGeneration with cfg's shapes (fp32, sdpa)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg, "float32"))
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    with torch.no_grad():  # HF inits norms to ones and biases to zero: perturb so the mapping is tested
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ours_from_hf(cfg, hf):
+    from megatron_moca.conversion.weights import load_hf_into_model
+    from megatron_moca.models.vlm import MocaVLM
+
+    state = {normalize_hf_key(k): v for k, v in hf.state_dict().items()}
+    model = MocaVLM(cfg).eval()
+    load_hf_into_model(model, lambda k: state[k], cfg)
+    return model
+
+
+def build_batch(cfg, rows, seed=0):
+    """rows: list of lists of image grids (t, h, w) per row (empty = text-only). Right padding.
+
+    Returns ids [b, s], attention mask [b, s], pixel rows, image_grid_thw (or None).
+    """
+    g = torch.Generator().manual_seed(seed)
+    tok, merge = cfg.tokens, cfg.vision.merge_unit
+    seqs, grids = [], []
+    for r, images in enumerate(rows):
+        seq = torch.randint(0, 150000, (3 + r,), generator=g).tolist()
+        for grid in images:
+            n = grid[0] * grid[1] * grid[2] // merge
+            seq += [tok.vision_start_token_id] + [tok.image_token_id] * n + [tok.vision_end_token_id]
+            seq += torch.randint(0, 150000, (4,), generator=g).tolist()
+            grids.append(grid)
+        seqs.append(seq)
+    s = max(len(x) for x in seqs)
+    ids = torch.full((len(rows), s), tok.pad_token_id)
+    mask = torch.zeros(len(rows), s, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        mask[r, :len(seq)] = 1
+    if not grids:
+        return ids, mask, None, None
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), cfg.vision.patch_dim, generator=g)
+    return ids, mask, pixels, grid

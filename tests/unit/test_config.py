@@ -1,0 +1,67 @@
+import dataclasses
+
+import pytest
+
+from megatron_moca.config.model import ModelConfig, preset
+from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
+from megatron_moca.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen25vl_3b", "qwen25vl_7b"])
+def test_presets_validate_and_round_trip_through_hf_config(name):
+    cfg = preset(name)
+    cfg.validate()
+    back = model_config_from_hf(hf_config_from_model(cfg))
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_exact_qwen25vl_shapes():
+    b3, b7 = preset("qwen25vl_3b"), preset("qwen25vl_7b")
+    assert (b3.language.hidden_size, b3.language.num_layers, b3.language.num_attention_heads,
+            b3.language.num_query_groups, b3.language.ffn_hidden_size, b3.language.vocab_size,
+            b3.language.tie_word_embeddings) == (2048, 36, 16, 2, 11008, 151936, True)
+    assert (b7.language.hidden_size, b7.language.num_layers, b7.language.num_attention_heads,
+            b7.language.num_query_groups, b7.language.ffn_hidden_size, b7.language.vocab_size,
+            b7.language.tie_word_embeddings) == (3584, 28, 28, 4, 18944, 152064, False)
+    v = b3.vision
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.patch_dim, v.window_merged,
+            v.fullatt_block_indexes) == (32, 1280, 16, 3420, 1176, 4, [7, 15, 23, 31])
+    assert b3.language.mrope_section == [16, 24, 24] and b3.tokens.mask_token_id == 151665
+
+
+def test_reads_transformers5_nested_layout():
+    from transformers import Qwen2_5_VLConfig
+
+    cfg = preset("tiny")
+    cfg.language.tie_word_embeddings = False
+    nested = Qwen2_5_VLConfig(**hf_config_from_model(cfg)).to_dict()
+    assert "text_config" in nested
+    assert model_config_from_hf(nested) == cfg
+
+
+@pytest.mark.parametrize("tp,pp,fragment", [(4, 1, "must divide the 2 KV heads"), (1, 3, "must divide model.language.num_layers"),
+                                            (3, 1, "must divide the 2 KV heads")])
+def test_parallel_layout_errors_name_the_problem(tp, pp, fragment):
+    with pytest.raises(UserError, match=fragment):
+        preset("tiny").validate(tp, pp)
+
+
+def test_bad_values_are_rejected():
+    cfg = preset("tiny")
+    cfg.attention = "sideways"
+    with pytest.raises(UserError, match="model.attention"):
+        cfg.validate()
+    cfg = preset("tiny")
+    cfg.language.mrope_section = [1, 1, 1]
+    with pytest.raises(UserError, match="mrope_section"):
+        cfg.validate()
+    with pytest.raises(UserError, match="unknown keys in model.language"):
+        ModelConfig.from_dict({"language": {"hidden": 3}})
+
+
+def test_non_qwen_config_is_refused():
+    with pytest.raises(UserError, match="not Qwen2.5-VL"):
+        model_config_from_hf({"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(UserError, match="missing field"):
+        model_config_from_hf({"model_type": "qwen2_5_vl", "vision_config": {"depth": 1}})
