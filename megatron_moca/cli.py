@@ -97,17 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    started_here = not _distributed_initialized()
     try:
         return args.func(args)
     except UserError as e:
         print(f"moca: error: {e}", file=sys.stderr)
         return 2
     finally:
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        if started_here and _distributed_initialized():  # tear down only what this command set up
             from megatron_moca.distributed.runtime import shutdown
 
             shutdown()
+
+
+def _distributed_initialized() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

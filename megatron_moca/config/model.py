@@ -13,7 +13,7 @@ from typing import List
 from megatron_moca.errors import UserError
 
 ATTENTION_MODES = ("bidirectional", "causal")
-ATTENTION_BACKENDS = ("auto", "te", "flash", "sdpa", "local")
+ATTENTION_BACKENDS = ("auto", "te", "flash", "flex", "sdpa", "local")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -122,7 +122,7 @@ class ModelConfig:
     attention: str = "bidirectional"
     """LLM self-attention: 'bidirectional' (MoCa) or 'causal' (stock Qwen, the paper's baseline)."""
     attention_backend: str = "auto"
-    """Core attention: auto | te | flash | sdpa | local (see megatron_moca.models.specs)."""
+    """Core attention: auto | te | flash | flex | sdpa | local (see megatron_moca.models.specs)."""
     params_dtype: str = "float32"
     """Parameter dtype: float32 (CPU tests, master weights) or bfloat16."""
 

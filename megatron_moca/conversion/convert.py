@@ -72,7 +72,7 @@ def hf_to_mcore(hf_dir: str, output: str, tp: int = 1, pp: int = 1, attention: s
     load_hf_into_model(model, reader.get, cfg, hf_dir)
     with staged_output(output) as staging:
         # torch_dist checkpoints hold global tensors: they load at any TP/PP; tp/pp were validated
-        save_model(model, cfg, staging, 0, extra={"converted_from": os.path.abspath(hf_dir),
+        save_model(model, cfg, staging, 0, release_params=True, extra={"converted_from": os.path.abspath(hf_dir),
                                                   "target_layout": {"tensor_model_parallel_size": tp,
                                                                     "pipeline_model_parallel_size": pp}})
     return {"output": output, "seconds": round(time.time() - t0, 2), "dtype": cfg.params_dtype}

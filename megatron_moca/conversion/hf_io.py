@@ -1,7 +1,7 @@
 """Reading and writing Hugging Face checkpoint folders (safetensors, sharded or not), lazily.
 
-A reader opens each shard memory-mapped and hands out one tensor at a time, so a conversion holds
-about one copy of the model. Every problem with the folder surfaces as a UserError naming the file.
+Both directions move one tensor at a time with plain file I/O (no memory maps, no serialised shard
+buffers), so a conversion holds about one copy of the model. Every problem with the folder surfaces as a UserError naming the file.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
@@ -37,38 +38,63 @@ def read_config(folder: str) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_header(path: str) -> Tuple[Dict[str, dict], int]:
+    """(tensor entries, byte offset of the data section) of one safetensors file, validated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise UserError(f"{path}: not a readable safetensors file (shorter than its header)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(size - 8, 100 * 2**20):
+            raise UserError(f"{path}: not a readable safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for key, entry in header.items():
+        start, end = entry.get("data_offsets", (0, -1))
+        if entry.get("dtype") not in _ST_DTYPES or not 0 <= start <= end <= data_bytes:
+            raise UserError(f"{path}: not a readable safetensors file (tensor {key!r} is truncated or malformed)")
+    return header, 8 + n
+
+
 class SafetensorsReader:
-    """Tensor name (legacy on-disk layout) -> shard, for a folder with one file or an index."""
+    """Tensor name (legacy on-disk layout) -> shard, for a folder with one file or an index.
+
+    Reads each tensor with plain file reads into fresh memory: no memory map stays resident, so a
+    conversion holds the model plus one tensor in flight, not a second copy in mapped pages.
+    """
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = folder
         index_path, single_path = os.path.join(folder, INDEX_NAME), os.path.join(folder, SINGLE_NAME)
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise UserError(f"{index_path}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single_path):
             files = [SINGLE_NAME]
         else:
             raise UserError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}; only safetensors checkpoints are read")
-        self._handles, self._where = {}, {}
+        self._where = {}
         for name in files:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 raise UserError(f"{path}: listed in {INDEX_NAME} but missing")
-            try:
-                handle = safe_open(path, framework="pt")
-                keys = list(handle.keys())
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles[name] = handle
-            for key in keys:
-                self._where[normalize_hf_key(key)] = (name, key)
+            header, data_start = _read_header(path)
+            for key, entry in header.items():
+                self._where[normalize_hf_key(key)] = (path, data_start, entry)
 
     def keys(self) -> List[str]:
         return list(self._where)
@@ -79,21 +105,52 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise UserError(f"{self.folder}: tensor {key!r} missing from the checkpoint")
-        name, raw = self._where[key]
-        try:
-            return self._handles[name].get_tensor(raw)
-        except Exception as e:
-            raise UserError(f"{os.path.join(self.folder, name)}: tensor {raw!r} unreadable ({e})") from None
+        path, data_start, entry = self._where[key]
+        start, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        if out.numel() * out.element_size() != end - start:
+            raise UserError(f"{path}: tensor {key!r} holds {end - start} bytes, its shape needs "
+                            f"{out.numel() * out.element_size()}")
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            if f.readinto(buf) != end - start:
+                raise UserError(f"{path}: tensor {key!r} is truncated")
+        return out
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> int:
+    """Write one safetensors file straight from the tensors' memory (no serialised copy of the shard).
+
+    Returns the number of data bytes. Format: 8-byte little-endian header size, JSON header (padded
+    to 8 bytes), then each tensor's raw little-endian bytes in header order.
+    """
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset, ordered = {"__metadata__": dict(metadata or {"format": "pt"})}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        ordered.append(t)
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in ordered:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return offset
 
 
 def write_sharded(tensors: Iterable[Tuple[str, torch.Tensor]], folder: str, max_shard_bytes: int = 5 * 2**30,
                   metadata: Dict[str, str] = None) -> List[str]:
     """Write (name, tensor) pairs as model-0000i-of-0000n.safetensors shards + index, streaming.
 
-    Holds at most one shard in memory. Names are final only once every shard is written.
+    Holds references to at most one shard's tensors; files get their final names only once every
+    shard is written.
     """
-    from safetensors.torch import save_file
-
     shards: List[Tuple[str, List[str]]] = []
     pending: Dict[str, torch.Tensor] = {}
     size, total = 0, 0
@@ -102,7 +159,7 @@ def write_sharded(tensors: Iterable[Tuple[str, torch.Tensor]], folder: str, max_
         nonlocal pending, size
         if pending:
             tmp = f"shard-{len(shards):05d}.tmp"
-            save_file(pending, os.path.join(folder, tmp), metadata={"format": "pt", **(metadata or {})})
+            write_safetensors(os.path.join(folder, tmp), pending, {"format": "pt", **(metadata or {})})
             shards.append((tmp, list(pending)))
             pending, size = {}, 0
 
@@ -110,7 +167,7 @@ def write_sharded(tensors: Iterable[Tuple[str, torch.Tensor]], folder: str, max_
         nbytes = t.numel() * t.element_size()
         if pending and size + nbytes > max_shard_bytes:
             flush()
-        pending[name] = t.contiguous()
+        pending[name] = t
         size += nbytes
         total += nbytes
     flush()

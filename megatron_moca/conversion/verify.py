@@ -50,7 +50,7 @@ def fixed_batch(cfg, seed: int = 0):
 
 @torch.no_grad()
 def hf_logits(hf_model, ids, mask, pixels, grid, image_token_id: int, bidirectional: bool):
-    mm_types = (ids == image_token_id).int()
+    mm_types = (ids == image_token_id).int()  # text (0) / image (1) per token
     if not bidirectional:
         return hf_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                         mm_token_type_ids=mm_types).logits

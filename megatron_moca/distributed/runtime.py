@@ -46,21 +46,24 @@ def _free_port() -> int:
 
 
 def init_process_group() -> None:
-    """Initialise torch.distributed if needed: from torchrun's env, else as a world of one."""
+    """Initialise torch.distributed if needed: from torchrun's env, else as a world of one.
+
+    A world of one rendezvouses on a free loopback port without writing RANK/MASTER_* into the
+    environment, so child processes (torchrun jobs, checkpoint writers) do not inherit them.
+    """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
         from megatron_moca.distributed import cpu
 
         cpu.install()
-        dist.init_process_group("gloo")
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,

@@ -1,0 +1,71 @@
+"""Bidirectional vs causal, and packed documents attending only within themselves."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from helpers import build_batch
+
+from megatron_moca.models.vlm import MocaVLM
+
+BACKENDS = ["sdpa", "local", "flex"]
+
+
+def model_for(backend, mode):
+    cfg = tiny_config()
+    cfg.attention, cfg.attention_backend = mode, backend
+    torch.manual_seed(0)
+    return MocaVLM(cfg).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_token_reaches_position_zero_only_when_bidirectional(megatron_runtime, backend):
+    model = model_for(backend, "bidirectional")
+    ids, mask, pixels, grid = build_batch(model.cfg, [[(1, 4, 4)], []], seed=1)  # row 1 is padded
+    doc = torch.where(mask.bool(), 0, -1)
+    last = int(mask[0].sum()) - 1
+    changed = ids.clone()
+    changed[0, last] = (changed[0, last] + 17) % 150000
+    for mode, expect_change in (("bidirectional", True), ("causal", False)):
+        model.set_attention(mode)
+        with torch.no_grad():
+            a = model(ids, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
+            b = model(changed, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
+        moved = (a[0, 0] - b[0, 0]).abs().max().item()
+        assert (moved > 1e-4) == expect_change, (mode, moved)
+        # padding never leaks into real tokens of the other row
+        assert torch.equal(a[:, 1], b[:, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+def test_packed_documents_equal_documents_alone(megatron_runtime, backend, mode):
+    model = model_for(backend, mode)
+    cfg = model.cfg
+    docs = [build_batch(cfg, [[(1, 6, 10)]], seed=3), build_batch(cfg, [[]], seed=4),
+            build_batch(cfg, [[(1, 4, 4), (1, 2, 6)]], seed=5)]
+    alone = []
+    with torch.no_grad():
+        for ids, _, pixels, grid in docs:
+            alone.append(model(ids, pixel_values=pixels, image_grid_thw=grid)[:, 0])
+        packed = torch.cat([d[0] for d in docs] + [torch.full((1, 5), cfg.tokens.pad_token_id)], dim=1)
+        doc_ids = torch.cat([torch.full_like(d[0], i) for i, d in enumerate(docs)] + [torch.full((1, 5), -1)], dim=1)
+        pixels = torch.cat([d[2] for d in docs if d[2] is not None])
+        grid = torch.cat([d[3] for d in docs if d[3] is not None])
+        out = model(packed, document_ids=doc_ids, pixel_values=pixels, image_grid_thw=grid)[:, 0]
+    start = 0
+    for single in alone:
+        n = single.shape[0]
+        assert (out[start:start + n] - single).abs().max().item() <= 1e-5
+        start += n
+
+
+def test_flex_and_dense_masks_agree_on_packed_documents():
+    from megatron_moca.models.attention import _flex_attention, allowed_from_document_ids
+
+    doc = torch.tensor([[0] * 5 + [1] * 7 + [2] * 3 + [-1] * 2, [0] * 10 + [1] * 7]).long()
+    q, k, v = (torch.randn(2, 4, 17, 8) for _ in range(3))
+    for causal in (False, True):
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                 attn_mask=allowed_from_document_ids(doc, causal))
+        flex = _flex_attention(q, k, v, doc, causal, False)
+        assert (dense - flex).abs().max().item() <= 1e-5

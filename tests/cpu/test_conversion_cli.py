@@ -1,0 +1,140 @@
+"""`moca convert`: HF -> Megatron -> HF, verify, and bad input (one-line errors, nothing overwritten)."""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_moca
+from safetensors.torch import load_file, save_file
+
+from megatron_moca.cli import main
+
+
+def read_all(folder):
+    out = {}
+    for f in glob.glob(os.path.join(folder, "*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_one_line_error(capsys, rc, fragment):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("moca: error:") and "\n" not in err and "Traceback" not in err, err
+    assert fragment in err, err
+
+
+def test_converted_checkpoint_layout(tiny_mcore_dir):
+    assert open(os.path.join(tiny_mcore_dir, "latest_checkpointed_iteration.txt")).read() == "0"
+    meta = json.load(open(os.path.join(tiny_mcore_dir, "iter_0000000", "moca_model.json")))
+    assert meta["target_layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    assert meta["model"]["attention"] == "bidirectional"
+    assert not [p for p in os.listdir(os.path.dirname(tiny_mcore_dir)) if ".partial-" in p]
+
+
+def test_verify_passes_on_a_faithful_conversion(tiny_hf_dir, tiny_mcore_dir):
+    proc = run_moca("convert", "verify", "--hf", tiny_hf_dir, "--checkpoint", tiny_mcore_dir, "--tolerance", "1e-4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("max_abs_diff=") and float(last.split("=")[1]) <= 1e-4
+
+
+def test_verify_fails_clearly_on_a_tampered_tensor(tiny_hf_dir, tiny_mcore_dir, tmp_path):
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(tiny_hf_dir, tampered)
+    index = json.load(open(os.path.join(tampered, "model.safetensors.index.json")))["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = os.path.join(tampered, index[name])
+    tensors = load_file(shard)
+    tensors[name] = tensors[name] + 0.05
+    save_file(tensors, shard, metadata={"format": "pt"})
+    proc = run_moca("convert", "verify", "--hf", tampered, "--checkpoint", tiny_mcore_dir)
+    assert proc.returncode == 1
+    assert name in proc.stderr and "differ" in proc.stderr
+    assert float(proc.stdout.strip().splitlines()[-1].split("=")[1]) > 1e-3
+
+
+def test_mcore_to_hf_round_trip_is_bit_identical(tiny_hf_dir, tiny_mcore_dir, tmp_path):
+    out = str(tmp_path / "back")
+    proc = run_moca("convert", "mcore-to-hf", "--checkpoint", tiny_mcore_dir, "--output", out, "--hf-base",
+                    tiny_hf_dir, "--max-shard-gib", "0.03")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    original, back = read_all(tiny_hf_dir), read_all(out)
+    assert set(original) == set(back)
+    assert all(torch.equal(original[k], back[k]) for k in original)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
+    loaded = {k: v for k, v in model.state_dict().items() if "lm_head" not in k}
+    assert len(loaded) == len(original)
+
+
+# -- bad input: each is refused before any work, in one line, leaving the output untouched ----------
+
+def test_missing_safetensors(tiny_hf_dir, tmp_path, capsys):
+    broken = tmp_path / "nosafetensors"
+    broken.mkdir()
+    shutil.copy(os.path.join(tiny_hf_dir, "config.json"), broken)
+    out = tmp_path / "out"
+    rc = main(["convert", "hf-to-mcore", "--hf", str(broken), "--output", str(out)])
+    assert_one_line_error(capsys, rc, "no model.safetensors")
+    assert not out.exists()
+
+
+def test_missing_shard_listed_in_index(tiny_hf_dir, tmp_path, capsys):
+    broken = str(tmp_path / "missingshard")
+    shutil.copytree(tiny_hf_dir, broken)
+    os.remove(os.path.join(broken, "model-00002-of-00002.safetensors"))
+    rc = main(["convert", "hf-to-mcore", "--hf", broken, "--output", str(tmp_path / "out")])
+    assert_one_line_error(capsys, rc, "listed in model.safetensors.index.json but missing")
+
+
+def test_corrupt_safetensors(tiny_hf_dir, tmp_path, capsys):
+    broken = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_hf_dir, broken)
+    shard = os.path.join(broken, "model-00001-of-00002.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    rc = main(["convert", "hf-to-mcore", "--hf", broken, "--output", str(tmp_path / "out")])
+    assert_one_line_error(capsys, rc, "not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_is_not_qwen25vl(tiny_hf_dir, tmp_path, capsys):
+    broken = str(tmp_path / "llama")
+    shutil.copytree(tiny_hf_dir, broken)
+    cfg = json.load(open(os.path.join(broken, "config.json")))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(os.path.join(broken, "config.json"), "w"))
+    rc = main(["convert", "hf-to-mcore", "--hf", broken, "--output", str(tmp_path / "out")])
+    assert_one_line_error(capsys, rc, "is not Qwen2.5-VL")
+
+
+def test_tp_not_dividing_kv_heads(tiny_hf_dir, tmp_path, capsys):
+    rc = main(["convert", "hf-to-mcore", "--hf", tiny_hf_dir, "--output", str(tmp_path / "out"), "--tp", "4"])
+    assert_one_line_error(capsys, rc, "must divide the 2 KV heads")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])
+def test_output_not_empty_is_refused_and_left_alone(tiny_hf_dir, tiny_mcore_dir, tmp_path, capsys, direction):
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    src = ["--hf", tiny_hf_dir] if direction == "hf-to-mcore" else ["--checkpoint", tiny_mcore_dir]
+    rc = main(["convert", direction, *src, "--output", str(out)])
+    assert_one_line_error(capsys, rc, "not an empty directory")
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_missing_checkpoint_and_config(tmp_path, capsys):
+    rc = main(["convert", "mcore-to-hf", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert_one_line_error(capsys, rc, "does not exist")
+    (tmp_path / "empty").mkdir()
+    rc = main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
+    assert_one_line_error(capsys, rc, "config.json")

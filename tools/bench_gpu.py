@@ -1,0 +1,149 @@
+"""GPU benchmark: MocaVLM (megatron-core) vs HF transformers Qwen2.5-VL, same card, same process.
+
+    python tools/bench_gpu.py --preset qwen25vl_3b --out results.json
+
+Inputs follow shared/bench/hf_vlm.py: one sequence of 4096 tokens, text only, and with 4 images of
+448x448 (4 x 1024 patches -> 4 x 256 image tokens); bf16, random init, forward + backward of a
+next-token CE over all positions (the same work on both sides), median of 6 after 2 warm-ups.
+Also the vision tower alone. Prints a table of seconds and ratios (ours vs HF); never asserts speed.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def timed(fn, warm=2, rep=6):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(cfg, seq=4096, images=4, grid_side=32):
+    tok = cfg.tokens
+    ids = torch.randint(0, 150000, (1, seq), device="cuda")
+    per = grid_side * grid_side // cfg.vision.merge_unit
+    pos = 100
+    for _ in range(images):
+        ids[0, pos] = tok.vision_start_token_id
+        ids[0, pos + 1:pos + 1 + per] = tok.image_token_id
+        ids[0, pos + 1 + per] = tok.vision_end_token_id
+        pos += per + 2 + 600
+    pixels = torch.randn(images * grid_side * grid_side, cfg.vision.patch_dim, device="cuda", dtype=torch.bfloat16)
+    grid = torch.tensor([[1, grid_side, grid_side]] * images, device="cuda")
+    text_ids = torch.randint(0, 150000, (1, seq), device="cuda")
+    return text_ids, ids, pixels, grid
+
+
+def bench_hf(cfg, inputs):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_moca.conversion.hf_config import hf_config_from_model
+
+    hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg))
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
+    text_ids, ids, pixels, grid = inputs
+    res = {}
+
+    def text_step():
+        model(input_ids=text_ids, labels=text_ids).loss.backward()
+
+    def image_step():
+        model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=ids,
+              mm_token_type_ids=(ids == cfg.tokens.image_token_id).int()).loss.backward()
+
+    def vision_step():
+        out = model.model.visual(pixels, grid_thw=grid)
+        out = out if torch.is_tensor(out) else out.pooler_output
+        out.float().sum().backward()
+
+    for name, fn in (("text_4096", text_step), ("images_4x448", image_step), ("vision_tower", vision_step)):
+        torch.cuda.reset_peak_memory_stats()
+        res[name] = {"s": timed(fn), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        model.zero_grad(set_to_none=True)
+    return res  # the model is freed with this frame; the caller empties the cache
+
+
+def bench_ours(cfg, inputs, attention):
+    from megatron.core import tensor_parallel
+
+    from megatron_moca.models.vlm import MocaVLM
+
+    cfg.attention = attention
+    model = MocaVLM(cfg).cuda()
+    text_ids, ids, pixels, grid = inputs
+    res = {}
+
+    def loss_of(tokens, **kw):
+        hidden = model(tokens, **kw)
+        logits = model.logits(hidden)  # [s, b, v/tp] vocab-parallel
+        labels = torch.roll(tokens, -1, dims=1).transpose(0, 1).contiguous()
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+
+    def text_step():
+        loss_of(text_ids).backward()
+
+    def image_step():
+        loss_of(ids, pixel_values=pixels, image_grid_thw=grid).backward()
+
+    def vision_step():
+        model.vision(pixels, grid).float().sum().backward()
+
+    for name, fn in (("text_4096", text_step), ("images_4x448", image_step), ("vision_tower", vision_step)):
+        torch.cuda.reset_peak_memory_stats()
+        res[name] = {"s": timed(fn), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        model.zero_grad(set_to_none=True)
+    return res  # the model is freed with this frame; the caller empties the cache
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="qwen25vl_3b")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from megatron_moca.config.model import preset
+    from megatron_moca.distributed import runtime
+    from megatron_moca.models.specs import resolve_backend
+
+    runtime.initialize(1, 1, seed=0)
+    cfg = preset(args.preset)
+    cfg.params_dtype = "bfloat16"
+    inputs = make_inputs(cfg)
+    t0 = time.time()
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "backend": resolve_backend(cfg.attention_backend), "hf": bench_hf(cfg, inputs)}
+    torch.cuda.empty_cache()
+    for attention in ("causal", "bidirectional"):
+        results[f"ours_{attention}"] = bench_ours(cfg, inputs, attention)
+        torch.cuda.empty_cache()
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    results["wall_s"] = round(time.time() - t0, 1)
+    print(f"{'case':<14} {'HF s':>8} {'ours causal s':>14} {'x HF':>6} {'ours bidir s':>13} {'x HF':>6}")
+    for case in ("text_4096", "images_4x448", "vision_tower"):
+        hf = results["hf"][case]["s"]
+        c, b = results["ours_causal"][case]["s"], results["ours_bidirectional"][case]["s"]
+        print(f"{case:<14} {hf:8.3f} {c:14.3f} {hf / c:6.2f} {b:13.3f} {hf / b:6.2f}")
+    print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
