@@ -69,3 +69,16 @@ def test_flex_and_dense_masks_agree_on_packed_documents():
                                                                  attn_mask=allowed_from_document_ids(doc, causal))
         flex = _flex_attention(q, k, v, doc, causal, False)
         assert (dense - flex).abs().max().item() <= 1e-5
+
+
+def test_text_only_training_step_gives_every_parameter_a_gradient(megatron_runtime):
+    """Text-only batches keep the vision tower in the graph (zero gradients), so DDP buckets and the
+    distributed optimizer see the same parameters every step."""
+    model = model_for("sdpa", "bidirectional").train()
+    ids, mask, _, _ = build_batch(model.cfg, [[], []], seed=1)
+    hidden = model(ids, document_ids=torch.where(mask.bool(), 0, -1))
+    model.logits(hidden).float().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.vision.parameters())
+    assert float(model.language.embedding.word_embeddings.weight.grad.abs().max()) > 0

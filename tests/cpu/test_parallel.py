@@ -1,4 +1,4 @@
-"""TP=2 and PP=2 (2 processes, gloo) and TP2 x PP2 (4) equal TP=1/PP=1: outputs and gradients.
+"""TP=2 and PP=2 (2 processes, gloo), TP2 x PP2 and PP=4 (4) equal TP=1/PP=1: outputs and gradients.
 
 Each run loads the converted (TP=1-written) checkpoint at its own layout, re-saves the loaded model,
 runs one forward+backward through megatron's schedule (1F1B with PP) and saves its gradients as a
@@ -16,7 +16,7 @@ from conftest import REPO, run_moca, run_torchrun
 from safetensors.torch import load_file
 
 WORKER = os.path.join(REPO, "tests", "cpu", "parallel_worker.py")
-LAYOUTS = {"ref": (1, 1, 1), "tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2pp2": (4, 2, 2)}
+LAYOUTS = {"ref": (1, 1, 1), "tp2": (2, 2, 1), "pp2": (2, 1, 2), "tp2pp2": (4, 2, 2), "pp4": (4, 1, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,13 @@ def runs(tiny_mcore_dir, tmp_path_factory):
         proc = run_torchrun(nproc, WORKER, "run", "--checkpoint", tiny_mcore_dir, "--out", out[name],
                             "--tp", str(tp), "--pp", str(pp))
         assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-4000:])
-    proc = run_torchrun(1, WORKER, "compare", out["ref"], out["tp2"], out["pp2"], out["tp2pp2"])
+    proc = run_torchrun(1, WORKER, "compare", out["ref"], *(out[k] for k in LAYOUTS if k != "ref"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "pp4"])
 def test_outputs_and_gradients_equal_single_process(runs, layout):
     paths, report = runs
     assert report["zero_grad_params"] == [] and report["params"] > 50

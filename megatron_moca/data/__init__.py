@@ -1,0 +1,1 @@
+"""Data: shard format, tokenizer, image processing, sample building, packing, loaders."""

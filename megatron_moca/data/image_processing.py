@@ -1,0 +1,119 @@
+"""Qwen2.5-VL image preprocessing on the CPU, equal to transformers' Qwen2VLImageProcessor (PIL).
+
+decode (PIL; libjpeg-turbo) -> RGB -> smart_resize (multiple of 28, min/max pixels) with PIL bicubic
+-> patch rows of 1176 values in 2x2-merge order -> CLIP normalisation -> float32 [N, 1176] + grid.
+Pixels stay uint8 through resize and patchify (4x fewer bytes moved); normalisation is a per-channel
+256-entry table computed with exactly HF's float operations (float64 rescale cast to float32, then
+float32 (x - mean) / std), so the output is bit-identical to the HF processor, not merely close.
+Decompression bombs are refused before decoding (pixel limit), as are corrupt files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used (corrupt, truncated, too large, absurd aspect ratio)."""
+
+
+@dataclass(frozen=True)
+class ImageProcessingConfig:
+    """Qwen2.5-VL processor settings (MoCa: 256..1024 visual tokens per image)."""
+
+    min_pixels: int = 256 * 28 * 28
+    """Smallest resized area in pixels."""
+    max_pixels: int = 1024 * 28 * 28
+    """Largest resized area in pixels."""
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    max_decode_pixels: int = 64 * 2**20
+    """Refuse images whose header claims more pixels than this (decompression bombs)."""
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> Tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min, max], aspect kept (Qwen's rule)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _normalisation_table() -> np.ndarray:
+    """[3, 256] float32: HF's rescale (float64 * 1/255 -> float32) then (x - mean) / std in float32."""
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = np.array(CLIP_MEAN, dtype=np.float32), np.array(CLIP_STD, dtype=np.float32)
+    return ((scaled[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+
+
+_TABLE = _normalisation_table()
+
+
+def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """Bytes -> RGB PIL image; ImageError for corrupt, truncated or oversized images."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > cfg.max_decode_pixels:
+            raise ImageError(f"{img.width}x{img.height} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
+        img.load()
+        return img.convert("RGB")
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+
+
+def patchify_uint8(pixels: np.ndarray, cfg: ImageProcessingConfig) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+    """[H, W, 3] uint8 -> [N, 3 * T * P * P] uint8 rows in the processor's 2x2-merge order, and grid_thw."""
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    h, w, c = pixels.shape
+    gh, gw = h // p, w // p
+    x = pixels.reshape(gh // m, m, p, gw // m, m, p, c)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, c, p, p)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image = t equal frames
+    return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p), (1, gh, gw)
+
+
+def normalise_rows(rows: np.ndarray) -> np.ndarray:
+    """uint8 patch rows -> float32 CLIP-normalised rows (channel = row position // (T*P*P))."""
+    per_channel = rows.shape[1] // 3
+    out = np.empty(rows.shape, dtype=np.float32)
+    for c in range(3):
+        sl = slice(c * per_channel, (c + 1) * per_channel)
+        out[:, sl] = _TABLE[c][rows[:, sl]]
+    return out
+
+
+def process_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig(), normalise: bool = True):
+    """Encoded bytes (or a PIL image) -> (pixel rows [N, 1176] float32 or uint8, grid_thw (1, h, w))."""
+    from PIL import Image
+
+    img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    factor = cfg.patch_size * cfg.merge_size
+    h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), resample=Image.BICUBIC)
+    rows, grid = patchify_uint8(np.asarray(img), cfg)
+    return (normalise_rows(rows) if normalise else rows), grid
