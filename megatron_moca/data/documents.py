@@ -1,0 +1,125 @@
+"""Interleaved documents: the in-memory form, and parsing of the two input forms `moca data prepare` reads.
+
+MoCa form:    {"text": "... <|vision_start|><|image_pad|><|vision_end|> ...", "images": [img, ...]}
+OBELICS form: {"texts": [str | null, ...], "images": [img | null, ...]} (aligned lists, one of the two
+              set at each position)
+An image is a path (relative to the input file), {"path": ...}, {"bytes": <base64>}, a data URI, or raw
+bytes (parquet binary columns). Problems raise DocumentError with a short reason that the caller
+counts and logs with the sample key.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from typing import List, Union
+
+PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+class DocumentError(ValueError):
+    """A document that cannot be used; str(e) is the reason counted in manifests and logs."""
+
+
+@dataclass
+class Document:
+    """One interleaved document: text pieces and images in reading order."""
+
+    key: str
+    segments: List[Union[str, int]]  # str = text, int = index into images
+    images: List[bytes]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def text_chars(self) -> int:
+        return sum(len(s) for s in self.segments if isinstance(s, str))
+
+
+def _image_bytes(ref, base_dir: str) -> bytes:
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return bytes(ref)
+    if isinstance(ref, dict):
+        if ref.get("bytes") is not None:
+            return _image_bytes(ref["bytes"], base_dir) if not isinstance(ref["bytes"], str) \
+                else _b64(ref["bytes"])
+        if ref.get("path"):
+            return _image_bytes(ref["path"], base_dir)
+        raise DocumentError("image entry has neither bytes nor path")
+    if isinstance(ref, str):
+        if ref.startswith("data:"):
+            return _b64(ref.split(",", 1)[-1])
+        path = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            raise DocumentError("image file missing") from None
+    raise DocumentError(f"unsupported image reference of type {type(ref).__name__}")
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise DocumentError("image bytes are not valid base64") from None
+
+
+def from_record(record: dict, key: str, base_dir: str = ".", source: str = "") -> Document:
+    """Parse a MoCa-form or OBELICS-form record into a Document."""
+    if not isinstance(record, dict):
+        raise DocumentError("record is not a JSON object")
+    if "texts" in record:
+        return _from_obelics(record, key, base_dir, source)
+    if "text" in record:
+        return _from_moca(record, key, base_dir, source)
+    raise DocumentError("record has neither 'text' (MoCa form) nor 'texts' (OBELICS form)")
+
+
+def _from_moca(record: dict, key: str, base_dir: str, source: str) -> Document:
+    text = record["text"]
+    if not isinstance(text, str):
+        raise DocumentError("'text' is not a string")
+    images = record.get("images") or []
+    pieces = text.split(PLACEHOLDER)
+    if len(pieces) - 1 > len(images):
+        raise DocumentError("more image placeholders than images")
+    segments: List[Union[str, int]] = []
+    data: List[bytes] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            segments.append(piece)
+        if i < len(pieces) - 1:
+            if images[i] is None:
+                raise DocumentError("image bytes missing for a placeholder")
+            segments.append(len(data))
+            data.append(_image_bytes(images[i], base_dir))
+    return _checked(Document(key, segments, data, source, record.get("meta") or {}))
+
+
+def _from_obelics(record: dict, key: str, base_dir: str, source: str) -> Document:
+    texts, images = record.get("texts") or [], record.get("images") or []
+    if len(images) not in (0, len(texts)):
+        raise DocumentError("'texts' and 'images' differ in length")
+    segments: List[Union[str, int]] = []
+    data: List[bytes] = []
+    for i, text in enumerate(texts):
+        image = images[i] if images else None
+        if text is not None and image is not None:
+            raise DocumentError("a position holds both text and an image")
+        if text is not None:
+            if not isinstance(text, str):
+                raise DocumentError("a text entry is not a string")
+            if text:
+                segments.append(text)
+        elif image is not None:
+            segments.append(len(data))
+            data.append(_image_bytes(image, base_dir))
+    return _checked(Document(key, segments, data, source, record.get("meta") or {}))
+
+
+def _checked(doc: Document) -> Document:
+    if not doc.images and not doc.text_chars:
+        raise DocumentError("zero-length text and no images")
+    return doc

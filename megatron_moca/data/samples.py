@@ -1,0 +1,171 @@
+"""Stage-1 samples: a Document -> token ids with image pads, MLM and MAE masking, M-RoPE positions;
+and packing of several samples into one sequence with document boundaries.
+
+Layout of one image in the token stream: <|vision_start|> + (t*h*w/4) x <|image_pad|> + <|vision_end|>.
+Truncation at `max_length` cuts text at the budget and drops an image that does not fit whole (with
+everything after it), as the reference does. Image tokens, in sequence order, are the merge groups of
+the images in order, so `mae_token_mask` (per token) and the MAE group mask agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from megatron_moca.data.documents import Document, DocumentError
+from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, process_image
+from megatron_moca.models.rope_index import get_rope_index
+from megatron_moca.objectives.masking import IGNORE_INDEX, apply_mae_noise, mae_group_mask, mae_targets, mlm_mask
+
+
+@dataclass
+class Stage1SampleConfig:
+    """How documents become stage-1 training samples (MoCa reference values as defaults)."""
+
+    max_length: int = 1280
+    """Tokens per document after truncation."""
+    mlm_probability: float = 0.4
+    """Probability of masking each non-special text token."""
+    mae_probability: float = 0.5
+    """Probability of noising each 2x2 merge group (one LLM image token)."""
+    image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
+    """Image resizing limits (256..1024 visual tokens per image)."""
+
+
+@dataclass
+class Stage1Sample:
+    key: str
+    input_ids: np.ndarray  # [L] int64, MLM-masked
+    labels: np.ndarray  # [L] int64, original id at MLM-masked positions, IGNORE_INDEX elsewhere
+    position_ids: np.ndarray  # [3, L] M-RoPE ids of this document alone
+    pixel_values: np.ndarray  # [N, 1176] float32, MAE-noised
+    image_grid_thw: np.ndarray  # [n_images, 3]
+    mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group was noised
+    mae_targets: np.ndarray  # [n_masked_tokens, 4 * 1176] clean pixels of those groups
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class Stage1SampleBuilder:
+    def __init__(self, tokenizer, cfg: Stage1SampleConfig = Stage1SampleConfig()):
+        self.tok, self.cfg = tokenizer, cfg
+        self.merge_unit = cfg.image.merge_size**2
+
+    def build(self, doc: Document, rng: np.random.Generator) -> Stage1Sample:
+        """Raise DocumentError (with the reason) for documents that cannot be used."""
+        ids: List[int] = []
+        pixels, grids = [], []
+        budget = self.cfg.max_length
+        for seg in doc.segments:
+            if len(ids) >= budget:
+                break
+            if isinstance(seg, str):
+                ids += self.tok.encode(seg)[:budget - len(ids)]
+                continue
+            try:
+                rows, grid = process_image(doc.images[seg], self.cfg.image)
+            except ImageError as e:
+                raise DocumentError(f"image {seg}: {e}") from None
+            n = grid[0] * grid[1] * grid[2] // self.merge_unit
+            if len(ids) + n + 2 > budget:
+                break  # the image would be cut: drop it whole, and what follows
+            ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
+            pixels.append(rows)
+            grids.append(grid)
+        if not ids:
+            raise DocumentError("no tokens after tokenisation")
+        ids_np = np.asarray(ids, dtype=np.int64)
+        input_ids, labels = mlm_mask(ids_np, self.tok.special_ids, self.tok.mask_id, self.cfg.mlm_probability, rng)
+        grid_np = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
+        position_ids = get_rope_index(torch.from_numpy(ids_np)[None], torch.from_numpy(grid_np) if grids else None,
+                                      image_token_id=self.tok.image_pad_id,
+                                      spatial_merge_size=self.cfg.image.merge_size)[0][:, 0].numpy()
+        image_slots = ids_np == self.tok.image_pad_id
+        if pixels:
+            clean = np.concatenate(pixels)
+            groups = mae_group_mask(clean.shape[0] // self.merge_unit, self.cfg.mae_probability, rng)
+            noise = rng.standard_normal(clean.shape[1]).astype(np.float32)
+            noised = apply_mae_noise(clean, groups, noise, self.merge_unit)
+            targets = mae_targets(clean, groups, self.merge_unit)
+        else:
+            groups = np.zeros(0, dtype=bool)
+            patch_dim = 3 * self.cfg.image.temporal_patch_size * self.cfg.image.patch_size**2
+            noised = np.zeros((0, patch_dim), dtype=np.float32)
+            targets = np.zeros((0, self.merge_unit * patch_dim), dtype=np.float32)
+        token_mask = np.zeros(len(ids), dtype=bool)
+        token_mask[image_slots] = groups
+        return Stage1Sample(doc.key, input_ids, labels, position_ids, noised, grid_np, token_mask, targets)
+
+
+@dataclass
+class PackedBatch:
+    """Several samples in one row: the model's batch convention plus the stage-1 targets."""
+
+    keys: List[str]
+    input_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T]
+    document_ids: torch.Tensor  # [1, T], -1 = padding
+    position_ids: torch.Tensor  # [3, 1, T]
+    pixel_values: Optional[torch.Tensor]  # [N, 1176]
+    image_grid_thw: Optional[torch.Tensor]  # [n, 3]
+    mae_token_mask: torch.Tensor  # [1, T]
+    mae_targets: torch.Tensor  # [n_masked, 4704]
+
+
+def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple: int = 1) -> PackedBatch:
+    """Concatenate samples (in order) into one row of `length` tokens (rounded up to a multiple, e.g.
+    16 for FP8), padding with pad_id / document id -1."""
+    total = sum(len(s) for s in samples)
+    if total > length:
+        raise ValueError(f"{total} tokens do not fit a packed row of {length}")
+    length = -(-length // pad_to_multiple) * pad_to_multiple
+    pad = length - total
+
+    def cat(parts, fill, dtype):
+        return torch.from_numpy(np.concatenate(parts + [np.full(pad, fill, dtype=dtype)]))[None]
+
+    docs = [np.full(len(s), i, dtype=np.int64) for i, s in enumerate(samples)]
+    positions = np.concatenate([s.position_ids for s in samples] + [np.zeros((3, pad), dtype=np.int64)], axis=1)
+    with_images = [s for s in samples if s.image_grid_thw.shape[0]]
+    return PackedBatch(
+        keys=[s.key for s in samples],
+        input_ids=cat([s.input_ids for s in samples], pad_id, np.int64),
+        labels=cat([s.labels for s in samples], IGNORE_INDEX, np.int64),
+        document_ids=cat(docs, -1, np.int64),
+        position_ids=torch.from_numpy(positions)[:, None],
+        pixel_values=torch.from_numpy(np.concatenate([s.pixel_values for s in with_images])) if with_images else None,
+        image_grid_thw=torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images])) if with_images
+        else None,
+        mae_token_mask=cat([s.mae_token_mask for s in samples], False, bool),
+        mae_targets=torch.from_numpy(np.concatenate([s.mae_targets for s in samples])))
+
+
+class GreedyPacker:
+    """Fills rows of `length` tokens with consecutive samples; a sample that does not fit starts the
+    next row. Deterministic; its only state is the sample carried over (for exact resume)."""
+
+    def __init__(self, length: int, pad_id: int, pad_to_multiple: int = 1):
+        self.length, self.pad_id, self.pad_to_multiple = length, pad_id, pad_to_multiple
+        self.pending: List[Stage1Sample] = []
+
+    def add(self, sample: Stage1Sample) -> Optional[PackedBatch]:
+        """Add a sample; return a full row when this sample does not fit the current one."""
+        if len(sample) > self.length:
+            raise ValueError(f"sample {sample.key} has {len(sample)} tokens, more than a row of {self.length}")
+        if sum(len(s) for s in self.pending) + len(sample) <= self.length:
+            self.pending.append(sample)
+            return None
+        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple)
+        self.pending = [sample]
+        return row
+
+    def flush(self) -> Optional[PackedBatch]:
+        if not self.pending:
+            return None
+        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple)
+        self.pending = []
+        return row

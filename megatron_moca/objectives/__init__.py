@@ -1,0 +1,1 @@
+"""Training objectives: MoCa masking (MLM + MAE), reconstruction losses, contrastive loss."""
