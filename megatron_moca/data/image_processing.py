@@ -1,10 +1,12 @@
 """Qwen2.5-VL image preprocessing on the CPU, equal to transformers' Qwen2VLImageProcessor (PIL).
 
 decode (PIL; libjpeg-turbo) -> RGB -> smart_resize (multiple of 28, min/max pixels) with PIL bicubic
--> patch rows of 1176 values in 2x2-merge order -> CLIP normalisation -> float32 [N, 1176] + grid.
-Pixels stay uint8 through resize and patchify (4x fewer bytes moved); normalisation is a per-channel
-256-entry table computed with exactly HF's float operations (float64 rescale cast to float32, then
-float32 (x - mean) / std), so the output is bit-identical to the HF processor, not merely close.
+-> patch rows in 2x2-merge order -> CLIP normalisation -> float32 [N, 1176] + grid.
+The loader's path (`image_frames`) stops at uint8 one-frame rows [N, 588]: 8x fewer bytes than the
+processor's float32 rows, no float passes on the CPU. `expand_frames` (numpy) and
+`pixels.frames_to_pixels` (torch, on the device) finish the job with a per-channel 256-entry table
+computed with exactly HF's float operations (float64 rescale cast to float32, then float32
+(x - mean) / std), so the result is bit-identical to the HF processor, not merely close.
 Decompression bombs are refused before decoding (pixel limit), as are corrupt files.
 """
 
@@ -83,29 +85,33 @@ def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig
         raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
-def patchify_uint8(pixels: np.ndarray, cfg: ImageProcessingConfig) -> Tuple[np.ndarray, Tuple[int, int, int]]:
-    """[H, W, 3] uint8 -> [N, 3 * T * P * P] uint8 rows in the processor's 2x2-merge order, and grid_thw."""
-    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+def patchify_frame(pixels: np.ndarray, cfg: ImageProcessingConfig) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+    """[H, W, 3] uint8 -> ([N, 3 * P * P] uint8 one-frame rows in the processor's 2x2-merge order, grid_thw).
+
+    A still image is T identical frames in the processor's rows; the copy is left to `expand_frames`
+    (on the device in training), so the loader moves half the bytes."""
+    p, m = cfg.patch_size, cfg.merge_size
     h, w, c = pixels.shape
     gh, gw = h // p, w // p
-    x = pixels.reshape(gh // m, m, p, gw // m, m, p, c)
-    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, c, p, p)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image = t equal frames
-    return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p), (1, gh, gw)
+    x = pixels.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)  # (.., m, m, c, p, p)
+    return np.ascontiguousarray(x).reshape(gh * gw, c * p * p), (1, gh, gw)
 
 
-def normalise_rows(rows: np.ndarray) -> np.ndarray:
-    """uint8 patch rows -> float32 CLIP-normalised rows (channel = row position // (T*P*P))."""
-    per_channel = rows.shape[1] // 3
-    out = np.empty(rows.shape, dtype=np.float32)
+def expand_frames(frames: np.ndarray, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> np.ndarray:
+    """uint8 one-frame rows [N, 3*P*P] -> float32 processor rows [N, 3*T*P*P], CLIP-normalised exactly as
+    HF does (table lookup of HF's float ops), each channel's frame repeated T times."""
+    n, t = frames.shape[0], cfg.temporal_patch_size
+    per = frames.shape[1] // 3
+    x = frames.reshape(n, 3, per)
+    out = np.empty((n, 3, t, per), dtype=np.float32)
     for c in range(3):
-        sl = slice(c * per_channel, (c + 1) * per_channel)
-        out[:, sl] = _TABLE[c][rows[:, sl]]
-    return out
+        np.take(_TABLE[c], x[:, c], out=out[:, c, 0])
+    out[:, :, 1:] = out[:, :, :1]
+    return out.reshape(n, 3 * t * per)
 
 
-def process_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig(), normalise: bool = True):
-    """Encoded bytes (or a PIL image) -> (pixel rows [N, 1176] float32 or uint8, grid_thw (1, h, w))."""
+def load_and_resize(data, cfg: ImageProcessingConfig):
+    """Encoded bytes (or a PIL image) -> resized RGB uint8 array [H, W, 3] (PIL bicubic, as HF)."""
     from PIL import Image
 
     img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
@@ -115,5 +121,15 @@ def process_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig(), no
     h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), resample=Image.BICUBIC)
-    rows, grid = patchify_uint8(np.asarray(img), cfg)
-    return (normalise_rows(rows) if normalise else rows), grid
+    return np.asarray(img)
+
+
+def image_frames(data, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """The loader's CPU path: bytes -> (uint8 one-frame rows [N, 588], grid_thw). No float work."""
+    return patchify_frame(load_and_resize(data, cfg), cfg)
+
+
+def process_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """Bytes -> (float32 rows [N, 1176], grid_thw): bit-identical to transformers' Qwen2-VL processor."""
+    frames, grid = image_frames(data, cfg)
+    return expand_frames(frames, cfg), grid

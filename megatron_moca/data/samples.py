@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from megatron_moca.data.documents import Document, DocumentError
-from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, process_image
+from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, image_frames
 from megatron_moca.models.rope_index import get_rope_index
-from megatron_moca.objectives.masking import IGNORE_INDEX, apply_mae_noise, mae_group_mask, mae_targets, mlm_mask
+from megatron_moca.objectives.masking import IGNORE_INDEX, mae_group_mask, mlm_mask
 
 
 @dataclass
@@ -41,10 +41,10 @@ class Stage1Sample:
     input_ids: np.ndarray  # [L] int64, MLM-masked
     labels: np.ndarray  # [L] int64, original id at MLM-masked positions, IGNORE_INDEX elsewhere
     position_ids: np.ndarray  # [3, L] M-RoPE ids of this document alone
-    pixel_values: np.ndarray  # [N, 1176] float32, MAE-noised
+    pixel_frames: np.ndarray  # [N, 588] uint8 one-frame rows (clean; see data/pixels.py)
     image_grid_thw: np.ndarray  # [n_images, 3]
-    mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group was noised
-    mae_targets: np.ndarray  # [n_masked_tokens, 4 * 1176] clean pixels of those groups
+    mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group is noised
+    mae_noise: np.ndarray  # [1176] float32, the document's one shared noise vector
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -58,7 +58,7 @@ class Stage1SampleBuilder:
     def build(self, doc: Document, rng: np.random.Generator) -> Stage1Sample:
         """Raise DocumentError (with the reason) for documents that cannot be used."""
         ids: List[int] = []
-        pixels, grids = [], []
+        frames, grids = [], []
         budget = self.cfg.max_length
         for seg in doc.segments:
             if len(ids) >= budget:
@@ -67,14 +67,14 @@ class Stage1SampleBuilder:
                 ids += self.tok.encode(seg)[:budget - len(ids)]
                 continue
             try:
-                rows, grid = process_image(doc.images[seg], self.cfg.image)
+                rows, grid = image_frames(doc.images[seg], self.cfg.image)
             except ImageError as e:
                 raise DocumentError(f"image {seg}: {e}") from None
             n = grid[0] * grid[1] * grid[2] // self.merge_unit
             if len(ids) + n + 2 > budget:
                 break  # the image would be cut: drop it whole, and what follows
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
-            pixels.append(rows)
+            frames.append(rows)
             grids.append(grid)
         if not ids:
             raise DocumentError("no tokens after tokenisation")
@@ -85,20 +85,13 @@ class Stage1SampleBuilder:
                                       image_token_id=self.tok.image_pad_id,
                                       spatial_merge_size=self.cfg.image.merge_size)[0][:, 0].numpy()
         image_slots = ids_np == self.tok.image_pad_id
-        if pixels:
-            clean = np.concatenate(pixels)
-            groups = mae_group_mask(clean.shape[0] // self.merge_unit, self.cfg.mae_probability, rng)
-            noise = rng.standard_normal(clean.shape[1]).astype(np.float32)
-            noised = apply_mae_noise(clean, groups, noise, self.merge_unit)
-            targets = mae_targets(clean, groups, self.merge_unit)
-        else:
-            groups = np.zeros(0, dtype=bool)
-            patch_dim = 3 * self.cfg.image.temporal_patch_size * self.cfg.image.patch_size**2
-            noised = np.zeros((0, patch_dim), dtype=np.float32)
-            targets = np.zeros((0, self.merge_unit * patch_dim), dtype=np.float32)
+        frame_dim = 3 * self.cfg.image.patch_size**2
+        all_frames = np.concatenate(frames) if frames else np.zeros((0, frame_dim), dtype=np.uint8)
+        groups = mae_group_mask(int(image_slots.sum()), self.cfg.mae_probability, rng)
+        noise = rng.standard_normal(frame_dim * self.cfg.image.temporal_patch_size).astype(np.float32)
         token_mask = np.zeros(len(ids), dtype=bool)
         token_mask[image_slots] = groups
-        return Stage1Sample(doc.key, input_ids, labels, position_ids, noised, grid_np, token_mask, targets)
+        return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise)
 
 
 @dataclass
@@ -110,13 +103,32 @@ class PackedBatch:
     labels: torch.Tensor  # [1, T]
     document_ids: torch.Tensor  # [1, T], -1 = padding
     position_ids: torch.Tensor  # [3, 1, T]
-    pixel_values: Optional[torch.Tensor]  # [N, 1176]
+    pixel_frames: Optional[torch.Tensor]  # [N, 588] uint8
     image_grid_thw: Optional[torch.Tensor]  # [n, 3]
     mae_token_mask: torch.Tensor  # [1, T]
-    mae_targets: torch.Tensor  # [n_masked, 4704]
+    mae_noise: Optional[torch.Tensor]  # [n, 1176]: each image's document noise vector
+    image_token_id: int = 151655
+
+    def model_inputs(self, device=None, dtype=torch.float32):
+        """What the model and the MAE loss consume, on `device`: the batch convention of MocaVLM plus
+        noised pixel_values and the clean targets of the noised groups (data/pixels.py)."""
+        from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
+
+        out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
+               "document_ids": self.document_ids.to(device), "labels": self.labels.to(device),
+               "mae_token_mask": self.mae_token_mask.to(device), "pixel_values": None, "image_grid_thw": None,
+               "mae_targets": None}
+        if self.pixel_frames is not None:
+            grid = self.image_grid_thw.to(device)
+            pixels = frames_to_pixels(self.pixel_frames.to(device), dtype=torch.float32)
+            groups = self.mae_token_mask.to(device)[self.input_ids.to(device) == self.image_token_id]
+            noised, targets = mae_inputs(pixels, grid, groups, self.mae_noise.to(device))
+            out.update(pixel_values=noised.to(dtype), image_grid_thw=grid, mae_targets=targets.to(dtype))
+        return out
 
 
-def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple: int = 1) -> PackedBatch:
+def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple: int = 1,
+         image_token_id: int = 151655) -> PackedBatch:
     """Concatenate samples (in order) into one row of `length` tokens (rounded up to a multiple, e.g.
     16 for FP8), padding with pad_id / document id -1."""
     total = sum(len(s) for s in samples)
@@ -131,25 +143,28 @@ def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple:
     docs = [np.full(len(s), i, dtype=np.int64) for i, s in enumerate(samples)]
     positions = np.concatenate([s.position_ids for s in samples] + [np.zeros((3, pad), dtype=np.int64)], axis=1)
     with_images = [s for s in samples if s.image_grid_thw.shape[0]]
+    images = bool(with_images)
     return PackedBatch(
         keys=[s.key for s in samples],
         input_ids=cat([s.input_ids for s in samples], pad_id, np.int64),
         labels=cat([s.labels for s in samples], IGNORE_INDEX, np.int64),
         document_ids=cat(docs, -1, np.int64),
         position_ids=torch.from_numpy(positions)[:, None],
-        pixel_values=torch.from_numpy(np.concatenate([s.pixel_values for s in with_images])) if with_images else None,
-        image_grid_thw=torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images])) if with_images
-        else None,
+        pixel_frames=torch.from_numpy(np.concatenate([s.pixel_frames for s in with_images])) if images else None,
+        image_grid_thw=torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images])) if images else None,
         mae_token_mask=cat([s.mae_token_mask for s in samples], False, bool),
-        mae_targets=torch.from_numpy(np.concatenate([s.mae_targets for s in samples])))
+        mae_noise=torch.from_numpy(np.concatenate([np.repeat(s.mae_noise[None], s.image_grid_thw.shape[0], 0)
+                                                   for s in with_images])) if images else None,
+        image_token_id=image_token_id)
 
 
 class GreedyPacker:
     """Fills rows of `length` tokens with consecutive samples; a sample that does not fit starts the
     next row. Deterministic; its only state is the sample carried over (for exact resume)."""
 
-    def __init__(self, length: int, pad_id: int, pad_to_multiple: int = 1):
+    def __init__(self, length: int, pad_id: int, pad_to_multiple: int = 1, image_token_id: int = 151655):
         self.length, self.pad_id, self.pad_to_multiple = length, pad_id, pad_to_multiple
+        self.image_token_id = image_token_id
         self.pending: List[Stage1Sample] = []
 
     def add(self, sample: Stage1Sample) -> Optional[PackedBatch]:
@@ -159,13 +174,13 @@ class GreedyPacker:
         if sum(len(s) for s in self.pending) + len(sample) <= self.length:
             self.pending.append(sample)
             return None
-        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple)
+        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple, self.image_token_id)
         self.pending = [sample]
         return row
 
     def flush(self) -> Optional[PackedBatch]:
         if not self.pending:
             return None
-        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple)
+        row = pack(self.pending, self.length, self.pad_id, self.pad_to_multiple, self.image_token_id)
         self.pending = []
         return row

@@ -5,6 +5,8 @@ A shard `shard-000000.tar` holds one webdataset sample per document:
   <key>.img<i>.<ext>  the i-th image's original encoded bytes (jpg, png, webp, ...); decoded at load time
 Keys contain no dots (webdataset splits the key at the first dot). Members are written in key order
 with fixed metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
+`shard-000000.tar.idx` holds the byte offset of each sample's first member (int64, little-endian), so
+a loader can read sample k of a shard directly; `index_shard` builds the same for foreign tars.
 `manifest.json` beside the shards lists every shard (samples, bytes, sha256, text and image tokens)
 and the skipped inputs by reason; `skipped.jsonl` names each skipped sample and why.
 The reader never raises on bad content: it yields ReadError records (key, shard, reason) instead.
@@ -16,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Union
@@ -101,8 +104,10 @@ class ShardWriter:
     """Writes documents into shards of about `max_shard_bytes`; a shard is renamed from `.partial`
     to `.tar` only when complete, so a crash never leaves a truncated shard under a final name."""
 
-    def __init__(self, folder: str, max_shard_bytes: int = 256 * 2**20, prefix: str = "shard"):
+    def __init__(self, folder: str, max_shard_bytes: int = 256 * 2**20, prefix: str = "shard",
+                 max_shard_samples: int = 0):
         self.folder, self.max_shard_bytes, self.prefix = folder, max_shard_bytes, prefix
+        self.max_shard_samples = max_shard_samples
         os.makedirs(folder, exist_ok=True)
         self.shards: List[ShardInfo] = []
         self._tar = None
@@ -113,6 +118,7 @@ class ShardWriter:
         self._path = os.path.join(self.folder, self._info.name + ".partial")
         self._file = open(self._path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._offsets = []
 
     def _close_shard(self):
         if self._tar is None:
@@ -120,6 +126,8 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         final = os.path.join(self.folder, self._info.name)
+        with open(final + ".idx", "wb") as f:
+            f.write(struct.pack(f"<{len(self._offsets)}q", *self._offsets))
         os.replace(self._path, final)
         digest = hashlib.sha256()
         with open(final, "rb") as f:
@@ -133,6 +141,7 @@ class ShardWriter:
         """Append one document; returns the shard name it went to."""
         if self._tar is None:
             self._open()
+        self._offsets.append(self._tar.offset)
         for suffix, data in sorted(encode_document(doc).items()):
             info = tarfile.TarInfo(f"{doc.key}.{suffix}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -142,7 +151,7 @@ class ShardWriter:
         self._info.image_tokens += image_tokens
         self._info.images += len(doc.images)
         name = self._info.name
-        if self._file.tell() >= self.max_shard_bytes:
+        if self._file.tell() >= self.max_shard_bytes or self._info.samples == self.max_shard_samples:
             self._close_shard()
         return name
 
@@ -189,6 +198,48 @@ def read_shard(path: str) -> Iterator[Union[Document, ReadError]]:
     if not complete:
         # tarfile reads a tar cut at a member boundary as a shorter, valid archive: say so
         yield ReadError(current or "", shard, "truncated shard (no end-of-archive marker); later samples lost")
+
+
+def index_shard(path: str) -> List[int]:
+    """Byte offsets of each sample's first member: from the `.idx` file, else by scanning the tar."""
+    if os.path.isfile(path + ".idx"):
+        with open(path + ".idx", "rb") as f:
+            raw = f.read()
+        return list(struct.unpack(f"<{len(raw) // 8}q", raw))
+    offsets, current = [], None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key = member.name.partition(".")[0]
+                if member.isfile() and key != current:
+                    offsets.append(member.offset)
+                    current = key
+    except (OSError, tarfile.TarError, EOFError):
+        pass  # a truncated tar: the samples before the cut are indexed, reading them reports the rest
+    return offsets
+
+
+def read_sample(path: str, offset: int) -> Union[Document, ReadError]:
+    """The sample whose first member starts at `offset` (from index_shard)."""
+    shard = os.path.basename(path)
+    files, key = {}, None
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    name_key, _, suffix = member.name.partition(".")
+                    if key is None:
+                        key = name_key
+                    elif name_key != key:
+                        break
+                    if member.isfile():
+                        files[suffix] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as e:
+        return ReadError(key or "", shard, f"unreadable sample ({type(e).__name__})")
+    if key is None:
+        return ReadError("", shard, "no sample at the indexed offset")
+    return _decoded(key, files, shard)
 
 
 def _has_end_marker(path: str) -> bool:

@@ -6,6 +6,8 @@ elsewhere. Special tokens (vision markers, image pads, chat tokens) are never ma
 Image MAE: the unit is one 2x2 merge group (4 pixel rows = one LLM image token), masked with
 probability p (0.5); all rows of every masked group in a sample are overwritten by ONE shared
 Gaussian noise vector of 1176 values; nothing is dropped. Targets are the clean normalised pixels.
+The group mask and the noise vector are drawn here; the noise is applied where the pixels are
+normalised, on the device (data/pixels.py), so loader workers never touch float pixels.
 """
 
 from __future__ import annotations
@@ -30,19 +32,3 @@ def mlm_mask(ids: np.ndarray, special_ids: Iterable[int], mask_id: int, probabil
 def mae_group_mask(num_groups: int, probability: float, rng: np.random.Generator) -> np.ndarray:
     """Bool per merge group (= per image token), True = masked."""
     return rng.random(num_groups) < probability
-
-
-def apply_mae_noise(pixels: np.ndarray, group_mask: np.ndarray, noise: np.ndarray, merge_unit: int = 4) -> np.ndarray:
-    """Copy of pixel rows [N, D] with every row of a masked group replaced by `noise` [D]."""
-    rows = np.repeat(group_mask, merge_unit)
-    if rows.shape[0] != pixels.shape[0]:
-        raise ValueError(f"{group_mask.shape[0]} groups x {merge_unit} != {pixels.shape[0]} pixel rows")
-    out = np.array(pixels, dtype=np.float32, copy=True)
-    out[rows] = noise
-    return out
-
-
-def mae_targets(pixels: np.ndarray, group_mask: np.ndarray, merge_unit: int = 4) -> np.ndarray:
-    """Clean rows of the masked groups as [n_masked, merge_unit * D] (one row per masked image token)."""
-    groups = np.asarray(pixels, dtype=np.float32).reshape(-1, merge_unit * pixels.shape[1])
-    return groups[group_mask]

@@ -40,18 +40,30 @@ def test_mae_targets_are_the_clean_pixels_of_masked_groups(real_images, tokenize
     builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192))
     d = doc(real_images, 2)
     s = builder.build(d, np.random.default_rng(1))
-    clean = np.concatenate([process_image(d.images[i])[0] for i in range(2)])
+    clean = np.concatenate([process_image(d.images[i])[0] for i in range(2)])  # HF-identical float rows
     groups = s.mae_token_mask[s.input_ids == tokenizer.image_pad_id]
     assert groups.shape[0] * 4 == clean.shape[0]
     rate, sigma = groups.mean(), (0.25 / groups.shape[0]) ** 0.5
     assert abs(rate - 0.5) < 5 * sigma
-    rows = np.repeat(groups, 4)
-    assert np.array_equal(s.mae_targets.reshape(-1, 1176), clean[rows])
-    assert np.array_equal(s.pixel_values[~rows], clean[~rows])
-    noised = s.pixel_values[rows]
-    assert (noised == noised[0]).all()  # one shared noise vector
-    assert not np.allclose(noised[0], clean[rows][0])
     assert not s.mae_token_mask[s.input_ids != tokenizer.image_pad_id].any()
+    batch = pack([s], len(s), tokenizer.pad_id).model_inputs()
+    rows = np.repeat(groups, 4)
+    assert np.array_equal(batch["mae_targets"].numpy().reshape(-1, 1176), clean[rows])
+    noised = batch["pixel_values"].numpy()
+    assert np.array_equal(noised[~rows], clean[~rows])
+    assert (noised[rows] == s.mae_noise).all()  # one shared noise vector for the document
+    assert not np.allclose(s.mae_noise, clean[rows][0])
+
+
+def test_device_pixels_equal_the_processor(real_images):
+    from megatron_moca.data.image_processing import image_frames
+    from megatron_moca.data.pixels import frames_to_pixels
+
+    for path in real_images[:6]:
+        data = open(path, "rb").read()
+        frames, _ = image_frames(data)
+        assert frames.dtype == np.uint8 and frames.shape[1] == 588
+        assert np.array_equal(frames_to_pixels(torch.from_numpy(frames)).numpy(), process_image(data)[0])
 
 
 def test_truncation_drops_a_cut_image_whole(real_images, tokenizer):
@@ -63,7 +75,7 @@ def test_truncation_drops_a_cut_image_whole(real_images, tokenizer):
     s = cut.build(doc(real_images, 2), np.random.default_rng(0))
     assert len(s) <= first_image_end + 50
     assert s.image_grid_thw.shape[0] == 1  # the second image did not fit and was dropped whole
-    assert int((s.input_ids == image_pad).sum()) * 4 == s.pixel_values.shape[0]
+    assert int((s.input_ids == image_pad).sum()) * 4 == s.pixel_frames.shape[0]
     assert (s.input_ids == tokenizer.vision_start_id).sum() == (s.input_ids == tokenizer.vision_end_id).sum() == 1
 
 
@@ -94,8 +106,10 @@ def test_packing_keeps_boundaries_and_alignment(real_images, tokenizer):
             assert torch.equal(row.position_ids[:, 0, start:start + n], torch.from_numpy(s.position_ids))
             start += n
         assert (docs[start:] == -1).all() and (row.labels[0, start:] == IGNORE_INDEX).all()
-        assert row.pixel_values.shape[0] == int(row.image_grid_thw.prod(-1).sum())
-        assert row.mae_targets.shape[0] == int(row.mae_token_mask.sum())
+        assert row.pixel_frames.shape[0] == int(row.image_grid_thw.prod(-1).sum())
+        inputs = row.model_inputs()
+        assert inputs["mae_targets"].shape[0] == int(row.mae_token_mask.sum())
+        assert inputs["pixel_values"].shape == (row.pixel_frames.shape[0], 1176)
         seen += len(row.keys)
     with pytest.raises(ValueError, match="do not fit"):
         pack(samples, 10, tokenizer.pad_id)

@@ -1,0 +1,37 @@
+"""Device-side completion of the loader's uint8 image rows (torch; runs where the model runs).
+
+frames_to_pixels: uint8 one-frame rows [N, 588] -> processor rows [N, 1176] (CLIP-normalised with the
+same 256-entry tables as the CPU path, so bit-identical to HF's processor in float32).
+mae_inputs: apply MoCa's MAE noise to the masked merge groups and return the clean targets.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from megatron_moca.data.image_processing import _TABLE
+
+
+def frames_to_pixels(frames: torch.Tensor, temporal_patch_size: int = 2, dtype=torch.float32) -> torch.Tensor:
+    n, width = frames.shape
+    per = width // 3
+    table = torch.from_numpy(_TABLE).to(frames.device)
+    vals = table[torch.arange(3, device=frames.device)[None, :, None], frames.view(n, 3, per).long()]
+    return vals[:, :, None, :].expand(n, 3, temporal_patch_size, per).reshape(n, -1).to(dtype)
+
+
+def mae_inputs(pixels: torch.Tensor, image_grid_thw: torch.Tensor, groups: torch.Tensor, noise: torch.Tensor,
+               merge_unit: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(noised pixels [N, D], targets [n_masked, merge_unit * D]).
+
+    groups: bool per merge group (= per image token, images in order); noise: [n_images, D], the
+    shared noise vector of each image's document (one vector per document, repeated per image).
+    """
+    per_image = (image_grid_thw.prod(-1) // merge_unit).to(pixels.device)
+    image_of_group = torch.repeat_interleave(torch.arange(len(per_image), device=pixels.device), per_image)
+    grouped = pixels.view(-1, merge_unit, pixels.shape[1])
+    targets = grouped[groups].reshape(-1, merge_unit * pixels.shape[1])
+    noised = torch.where(groups[:, None, None], noise[image_of_group][:, None, :].to(pixels.dtype), grouped)
+    return noised.reshape(pixels.shape), targets
