@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-image"],  # scikit-image ships real test images
+        # scikit-image ships real test images; DALI's CPU operators test the GPU decode pipeline's graph
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

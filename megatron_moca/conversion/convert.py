@@ -14,15 +14,15 @@ import os
 import shutil
 import time
 
-import torch
 
 from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint, save_model
 from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
 from megatron_moca.conversion.hf_io import SafetensorsReader, copy_side_files, read_config, write_sharded
 from megatron_moca.conversion.weights import check_hf_keys, load_hf_into_model, model_to_hf
 from megatron_moca.errors import UserError
+from megatron_moca.models.transformer_configs import DTYPES
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def check_output_dir(path: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.conversion.hf_config import hf_config_from_model
 from megatron_moca.conversion.hf_io import write_sharded
+from megatron_moca.models.transformer_configs import DTYPES
 
 
 def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -66,6 +67,6 @@ def write_random_hf(folder: str, cfg: ModelConfig, dtype: torch.dtype = torch.fl
                     max_shard_bytes: int = 5 * 2**30) -> None:
     os.makedirs(folder, exist_ok=True)
     write_sharded(random_tensors(cfg, dtype, seed), folder, max_shard_bytes)
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    name = {d: n for n, d in DTYPES.items()}[dtype]
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config_from_model(cfg, name), f, indent=2)

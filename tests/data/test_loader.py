@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moca.data.documents import PLACEHOLDER, Document
+from megatron_moca.data.documents import Document
 from megatron_moca.data.image_processing import ImageProcessingConfig
 from megatron_moca.data.loader import LoaderConfig, Plan, Stage1Loader, stage1_builder
 from megatron_moca.data.samples import Stage1SampleConfig
