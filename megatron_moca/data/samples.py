@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from megatron_moca.data.documents import Document, DocumentError
+from megatron_moca.data.dali import grid_of
 from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, image_frames
 from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.objectives.masking import IGNORE_INDEX, mae_group_mask, mlm_mask
@@ -33,6 +34,10 @@ class Stage1SampleConfig:
     """Probability of noising each 2x2 merge group (one LLM image token)."""
     image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
     """Image resizing limits (256..1024 visual tokens per image)."""
+    decode_on_device: bool = False
+    """Hand encoded image bytes to the trainer, which decodes them with DALI on the GPU (data/dali.py);
+    grids come from the image headers. For shards written by `moca data prepare` / `moca data demo`,
+    whose images were fully decoded once when the shards were written."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Stage1Sample:
     image_grid_thw: np.ndarray  # [n_images, 3]
     mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group is noised
     mae_noise: np.ndarray  # [1176] float32, the document's one shared noise vector
+    encoded_images: List[bytes] = field(default_factory=list)  # with decode_on_device: instead of frames
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -58,7 +64,7 @@ class Stage1SampleBuilder:
     def build(self, doc: Document, rng: np.random.Generator) -> Stage1Sample:
         """Raise DocumentError (with the reason) for documents that cannot be used."""
         ids: List[int] = []
-        frames, grids = [], []
+        frames, grids, encoded = [], [], []
         budget = self.cfg.max_length
         for seg in doc.segments:
             if len(ids) >= budget:
@@ -67,14 +73,20 @@ class Stage1SampleBuilder:
                 ids += self.tok.encode(seg)[:budget - len(ids)]
                 continue
             try:
-                rows, grid = image_frames(doc.images[seg], self.cfg.image)
+                if self.cfg.decode_on_device:
+                    rows, grid = None, grid_of(doc.images[seg], self.cfg.image)
+                else:
+                    rows, grid = image_frames(doc.images[seg], self.cfg.image)
             except ImageError as e:
                 raise DocumentError(f"image {seg}: {e}") from None
             n = grid[0] * grid[1] * grid[2] // self.merge_unit
             if len(ids) + n + 2 > budget:
                 break  # the image would be cut: drop it whole, and what follows
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
-            frames.append(rows)
+            if rows is None:
+                encoded.append(doc.images[seg])
+            else:
+                frames.append(rows)
             grids.append(grid)
         if not ids:
             raise DocumentError("no tokens after tokenisation")
@@ -91,7 +103,7 @@ class Stage1SampleBuilder:
         noise = rng.standard_normal(frame_dim * self.cfg.image.temporal_patch_size).astype(np.float32)
         token_mask = np.zeros(len(ids), dtype=bool)
         token_mask[image_slots] = groups
-        return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise)
+        return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise, encoded)
 
 
 @dataclass
@@ -108,10 +120,21 @@ class PackedBatch:
     mae_token_mask: torch.Tensor  # [1, T]
     mae_noise: Optional[torch.Tensor]  # [n, 1176]: each image's document noise vector
     image_token_id: int = 151655
+    encoded_images: List[bytes] = field(default_factory=list)  # decode_on_device: one per image, in order
 
-    def model_inputs(self, device=None, dtype=torch.float32):
+    def model_inputs(self, device=None, dtype=torch.float32, image_decoder=None):
         """What the model and the MAE loss consume, on `device`: the batch convention of MocaVLM plus
-        noised pixel_values and the clean targets of the noised groups (data/pixels.py)."""
+        noised pixel_values and the clean targets of the noised groups (data/pixels.py).
+        image_decoder (e.g. data.dali.DaliImageDecoder) decodes `encoded_images` when the loader
+        left decoding to the device."""
+        if self.encoded_images:
+            if image_decoder is None:
+                raise ValueError("this batch carries encoded images (decode_on_device): pass image_decoder")
+            decoded = image_decoder(self.encoded_images)
+            grids = torch.tensor([g for _, g in decoded])
+            if not torch.equal(grids, self.image_grid_thw):
+                raise ValueError("decoded image grids differ from the loader's header-based grids")
+            self.pixel_frames = torch.cat([f.to(device) for f, _ in decoded])
         from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
 
         out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
@@ -144,18 +167,20 @@ def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple:
     positions = np.concatenate([s.position_ids for s in samples] + [np.zeros((3, pad), dtype=np.int64)], axis=1)
     with_images = [s for s in samples if s.image_grid_thw.shape[0]]
     images = bool(with_images)
+    on_device = any(s.encoded_images for s in with_images)
     return PackedBatch(
         keys=[s.key for s in samples],
         input_ids=cat([s.input_ids for s in samples], pad_id, np.int64),
         labels=cat([s.labels for s in samples], IGNORE_INDEX, np.int64),
         document_ids=cat(docs, -1, np.int64),
         position_ids=torch.from_numpy(positions)[:, None],
-        pixel_frames=torch.from_numpy(np.concatenate([s.pixel_frames for s in with_images])) if images else None,
+        pixel_frames=torch.from_numpy(np.concatenate([s.pixel_frames for s in with_images]))
+        if images and not on_device else None,
         image_grid_thw=torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images])) if images else None,
         mae_token_mask=cat([s.mae_token_mask for s in samples], False, bool),
         mae_noise=torch.from_numpy(np.concatenate([np.repeat(s.mae_noise[None], s.image_grid_thw.shape[0], 0)
                                                    for s in with_images])) if images else None,
-        image_token_id=image_token_id)
+        image_token_id=image_token_id, encoded_images=[b for s in samples for b in s.encoded_images])
 
 
 class GreedyPacker:
