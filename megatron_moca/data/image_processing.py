@@ -70,7 +70,7 @@ _TABLE = _normalisation_table()
 
 
 def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
-    """Bytes -> RGB PIL image; ImageError for corrupt, truncated or oversized images."""
+    """Bytes -> decoded PIL image (its own mode); ImageError for corrupt, truncated or oversized images."""
     from PIL import Image
 
     try:
@@ -78,7 +78,7 @@ def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig
         if img.width * img.height > cfg.max_decode_pixels:
             raise ImageError(f"{img.width}x{img.height} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
         img.load()
-        return img.convert("RGB")
+        return img
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -115,12 +115,16 @@ def load_and_resize(data, cfg: ImageProcessingConfig):
     from PIL import Image
 
     img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
-    if img.mode != "RGB":
+    if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     factor = cfg.patch_size * cfg.merge_size
     h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
     if (h, w) != (img.height, img.width):
+        # resampling is per channel, so a grey image resized before its expansion to RGB gives the
+        # same bytes as HF's convert-then-resize, for a third of the work
         img = img.resize((w, h), resample=Image.BICUBIC)
+    if img.mode == "L":
+        img = img.convert("RGB")
     return np.asarray(img)
 
 
