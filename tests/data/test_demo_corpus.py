@@ -1,4 +1,4 @@
-"""The demo corpus from pinned Debian packages (fetched with apt-get in CI), and stage-1 samples and
+"""The demo corpus from pinned Debian packages (fetched with apt-get in CI, ~110 MB), and stage-1 samples and
 loader rows built from it: real interleaved documents end to end."""
 
 import functools
@@ -30,10 +30,13 @@ def demo(tmp_path_factory):
 @needs_apt
 def test_demo_corpus_has_all_three_sources(demo):
     out, manifest = demo
-    assert manifest["inputs"][0].startswith("gimp-help-en=") and len(manifest["inputs"]) == 3
+    assert manifest["inputs"][0].startswith("gimp-help-en=") and len(manifest["inputs"]) == 4
     docs = [d for s in manifest["shards"] for d in read_shard(os.path.join(out, s["name"]))]
     sources = {d.source for d in docs}
-    assert sources == {"gimp-help-en", "python-skimage-doc", "wordnet-base"}
+    assert sources == {"gimp-help-en", "python-skimage-doc", "wordnet-base", "r-doc-pdf"}
+    pages = [d for d in docs if d.source == "r-doc-pdf"]
+    assert pages and all(d.segments[0] == 0 and len(d.images) == 1 for d in pages)
+    assert not any(d.meta.get("pdf") in ("R-intro.pdf", "R-data.pdf", "R-lang.pdf") for d in pages)
     assert sum(len(d.images) for d in docs) >= 20  # real screenshots and figures, in place
     interleaved = [d for d in docs if d.images and isinstance(d.segments[0], str)]
     assert interleaved and all(isinstance(s, (str, int)) for d in interleaved for s in d.segments)
