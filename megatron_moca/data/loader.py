@@ -5,7 +5,7 @@ The plan is a pure function of the seed: global step t picks a source with a wei
 rng(seed, t); that source's local index j maps to (epoch, shard, offset) through a per-epoch shard
 permutation and the shards' sample counts; the sample's masking RNG is rng(seed, source, j). Data-
 parallel rank r takes the global steps t = r, r + dp, r + 2dp, ...: ranks are disjoint and together
-cover every step. Workers (spawn-safe, a torch DataLoader over step numbers) only read and build
+cover every step. Workers (a spawn-context process pool fed step numbers) only read and build
 samples; the main process packs them in order. State = the first step not yet packed plus the
 sources' counters at that step: restoring it reproduces every following row exactly, with any
 number of workers. Bad samples are skipped with a counted reason (key + shard), never raised.
@@ -15,6 +15,7 @@ Design after megatron-energon's savable loaders and torchtitan's stateful datalo
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import logging
 import os
@@ -121,7 +122,7 @@ class LoaderState:
 
 
 class _SampleBuilderDataset:
-    """Picklable map-style dataset for torch's DataLoader: (step, source, local index) -> sample."""
+    """(step, source, local index) -> (..., Stage1Sample | ReadError); built lazily in each worker."""
 
     def __init__(self, cfg: LoaderConfig, builder_factory):
         self.cfg, self.builder_factory = cfg, builder_factory
@@ -214,11 +215,11 @@ class Stage1Loader:
         ctx = mp.get_context("spawn")
         window = self.cfg.num_workers * self.cfg.prefetch
         with ctx.Pool(self.cfg.num_workers, _init_worker, (self.cfg, self.builder_factory)) as pool:
-            pending = []
+            pending = collections.deque()
             for item in plan:
                 pending.append((item[3], pool.apply_async(_work, (item[:3],))))
                 if len(pending) >= window:
-                    before, result = pending.pop(0)
+                    before, result = pending.popleft()
                     yield before, result.get()
             # the plan is infinite: the loop above never falls through
 
@@ -228,6 +229,9 @@ class Stage1Loader:
         packer = GreedyPacker(self.cfg.pack_length, self.pad_id, self.cfg.pad_to_multiple, self.image_token_id)
         skipped = dict(self.state.skipped)
         for before, (step, source, local, sample) in self.samples():
+            if not isinstance(sample, ReadError) and len(sample) > self.cfg.pack_length:
+                sample = ReadError(sample.key, self.cfg.paths[source], f"longer than a packed row "
+                                   f"(pack_length {self.cfg.pack_length}); raise it or lower max_length")
             if isinstance(sample, ReadError):
                 reason = sample.reason
                 skipped[reason] = skipped.get(reason, 0) + 1

@@ -60,6 +60,8 @@ class Stage1SampleBuilder:
     def __init__(self, tokenizer, cfg: Stage1SampleConfig = Stage1SampleConfig()):
         self.tok, self.cfg = tokenizer, cfg
         self.merge_unit = cfg.image.merge_size**2
+        self._vision_ids = {tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id,
+                            tokenizer.special.get("<|video_pad|>", -1), tokenizer.special.get("<|vision_pad|>", -1)}
 
     def build(self, doc: Document, rng: np.random.Generator) -> Stage1Sample:
         """Raise DocumentError (with the reason) for documents that cannot be used."""
@@ -70,7 +72,11 @@ class Stage1SampleBuilder:
             if len(ids) >= budget:
                 break
             if isinstance(seg, str):
-                ids += self.tok.encode(seg)[:budget - len(ids)]
+                text_ids = self.tok.encode(seg)
+                if self._vision_ids.intersection(text_ids):
+                    # a stray <|image_pad|> etc. in text would desynchronise tokens and images
+                    raise DocumentError("text contains vision special tokens outside an image placeholder")
+                ids += text_ids[:budget - len(ids)]
                 continue
             try:
                 if self.cfg.decode_on_device:
@@ -127,6 +133,9 @@ class PackedBatch:
         noised pixel_values and the clean targets of the noised groups (data/pixels.py).
         image_decoder (e.g. data.dali.DaliImageDecoder) decodes `encoded_images` when the loader
         left decoding to the device."""
+        from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
+
+        frames = self.pixel_frames
         if self.encoded_images:
             if image_decoder is None:
                 raise ValueError("this batch carries encoded images (decode_on_device): pass image_decoder")
@@ -134,16 +143,15 @@ class PackedBatch:
             grids = torch.tensor([g for _, g in decoded])
             if not torch.equal(grids, self.image_grid_thw):
                 raise ValueError("decoded image grids differ from the loader's header-based grids")
-            self.pixel_frames = torch.cat([f.to(device) for f, _ in decoded])
-        from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
+            frames = torch.cat([f.to(device) for f, _ in decoded])
 
         out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
                "document_ids": self.document_ids.to(device), "labels": self.labels.to(device),
                "mae_token_mask": self.mae_token_mask.to(device), "pixel_values": None, "image_grid_thw": None,
                "mae_targets": None}
-        if self.pixel_frames is not None:
+        if frames is not None:
             grid = self.image_grid_thw.to(device)
-            pixels = frames_to_pixels(self.pixel_frames.to(device), dtype=torch.float32)
+            pixels = frames_to_pixels(frames.to(device), dtype=torch.float32)
             groups = self.mae_token_mask.to(device)[self.input_ids.to(device) == self.image_token_id]
             noised, targets = mae_inputs(pixels, grid, groups, self.mae_noise.to(device))
             out.update(pixel_values=noised.to(dtype), image_grid_thw=grid, mae_targets=targets.to(dtype))

@@ -14,6 +14,7 @@ Batch convention (all stages receive the same batch):
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -32,6 +33,12 @@ from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.models.specs import llm_layer_spec, resolve_backend
 from megatron_moca.models.transformer_configs import language_transformer_config, vision_transformer_config
 from megatron_moca.models.vision import VisionTower
+
+
+# megatron-core 0.19 logs "GPTModel IS DEPRECATED" (in favour of HybridModel, which has no M-RoPE) on
+# every construction; GPTModel is an implementation detail here, so that line is dropped.
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
+    lambda record: "GPTModel IS DEPRECATED" not in record.getMessage())
 
 
 class MocaVLM(MegatronModule):

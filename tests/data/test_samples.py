@@ -122,6 +122,12 @@ def test_mlm_mask_is_deterministic_given_the_generator():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_stray_vision_tokens_in_text_are_refused(real_images, tokenizer):
+    d = from_record({"text": "text with a stray <|image_pad|> token"}, "k")
+    with pytest.raises(DocumentError, match="vision special tokens"):
+        Stage1SampleBuilder(tokenizer).build(d, np.random.default_rng(0))
+
+
 def test_bad_documents_are_refused_with_reasons(real_images):
     cases = [({"text": f"{PLACEHOLDER}{PLACEHOLDER}", "images": real_images[:1]}, "more image placeholders"),
              ({"text": f"a {PLACEHOLDER}", "images": [None]}, "image bytes missing"),
