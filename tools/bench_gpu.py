@@ -1,6 +1,7 @@
 """GPU benchmark: MocaVLM (megatron-core) vs HF transformers Qwen2.5-VL, same card, same process.
 
     python tools/bench_gpu.py --preset qwen25vl_3b --out results.json
+    python tools/bench_gpu.py --preset tiny --device cpu --seq 256 --grid 8 --repeat 1   # dry run of the script
 
 Inputs follow shared/bench/hf_vlm.py: one sequence of 4096 tokens, text only, and with 4 images of
 448x448 (4 x 1024 patches -> 4 x 256 image tokens); bf16, random init, forward + backward of a
@@ -15,34 +16,53 @@ import time
 import torch
 
 
-def timed(fn, warm=2, rep=6):
-    for _ in range(warm):
+DEVICE = "cuda"
+REPEAT = 6
+
+
+def timed(fn):
+    import time as _time
+
+    for _ in range(2 if REPEAT > 1 else 1):
         fn()
-    torch.cuda.synchronize()
     times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(REPEAT):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        t0 = _time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        times.append(_time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+
+
+def reset_peak():
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
 
 
 def make_inputs(cfg, seq=4096, images=4, grid_side=32):
     tok = cfg.tokens
-    ids = torch.randint(0, 150000, (1, seq), device="cuda")
+    ids = torch.randint(0, 150000, (1, seq), device=DEVICE)
     per = grid_side * grid_side // cfg.vision.merge_unit
+    gap = min(600, (seq - 100 - images * (per + 2)) // images)
+    if gap < 0:
+        raise SystemExit(f"--seq {seq} is too short for {images} images of {per} tokens")
     pos = 100
     for _ in range(images):
         ids[0, pos] = tok.vision_start_token_id
         ids[0, pos + 1:pos + 1 + per] = tok.image_token_id
         ids[0, pos + 1 + per] = tok.vision_end_token_id
-        pos += per + 2 + 600
-    pixels = torch.randn(images * grid_side * grid_side, cfg.vision.patch_dim, device="cuda", dtype=torch.bfloat16)
-    grid = torch.tensor([[1, grid_side, grid_side]] * images, device="cuda")
-    text_ids = torch.randint(0, 150000, (1, seq), device="cuda")
+        pos += per + 2 + gap
+    pixels = torch.randn(images * grid_side * grid_side, cfg.vision.patch_dim, device=DEVICE, dtype=torch.bfloat16)
+    grid = torch.tensor([[1, grid_side, grid_side]] * images, device=DEVICE)
+    text_ids = torch.randint(0, 150000, (1, seq), device=DEVICE)
     return text_ids, ids, pixels, grid
 
 
@@ -53,7 +73,7 @@ def bench_hf(cfg, inputs):
 
     hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg))
     hf_cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
     text_ids, ids, pixels, grid = inputs
     res = {}
@@ -70,9 +90,9 @@ def bench_hf(cfg, inputs):
         out = out if torch.is_tensor(out) else out.pooler_output
         out.float().sum().backward()
 
-    for name, fn in (("text_4096", text_step), ("images_4x448", image_step), ("vision_tower", vision_step)):
-        torch.cuda.reset_peak_memory_stats()
-        res[name] = {"s": timed(fn), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
+        reset_peak()
+        res[name] = {"s": timed(fn), "peak_GiB": peak_gib()}
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -83,7 +103,7 @@ def bench_ours(cfg, inputs, attention):
     from megatron_moca.models.vlm import MocaVLM
 
     cfg.attention = attention
-    model = MocaVLM(cfg).cuda()
+    model = MocaVLM(cfg).to(DEVICE)
     text_ids, ids, pixels, grid = inputs
     res = {}
 
@@ -102,9 +122,9 @@ def bench_ours(cfg, inputs, attention):
     def vision_step():
         model.vision(pixels, grid).float().sum().backward()
 
-    for name, fn in (("text_4096", text_step), ("images_4x448", image_step), ("vision_tower", vision_step)):
-        torch.cuda.reset_peak_memory_stats()
-        res[name] = {"s": timed(fn), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
+        reset_peak()
+        res[name] = {"s": timed(fn), "peak_GiB": peak_gib()}
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -113,7 +133,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="qwen25vl_3b")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence (4 images inside)")
+    parser.add_argument("--grid", type=int, default=32, help="patches per image side (32 = 448x448 pixels)")
+    parser.add_argument("--repeat", type=int, default=6, help="timed repetitions (median), after 2 warm-ups")
     args = parser.parse_args()
+    global DEVICE, REPEAT
+    DEVICE, REPEAT = args.device, args.repeat
     from megatron_moca.config.model import preset
     from megatron_moca.distributed import runtime
     from megatron_moca.models.specs import resolve_backend
@@ -121,20 +147,21 @@ def main():
     runtime.initialize(1, 1, seed=0)
     cfg = preset(args.preset)
     cfg.params_dtype = "bfloat16"
-    inputs = make_inputs(cfg)
+    inputs = make_inputs(cfg, seq=args.seq, grid_side=args.grid)
     t0 = time.time()
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+               "seq": args.seq,
                "backend": resolve_backend(cfg.attention_backend), "hf": bench_hf(cfg, inputs)}
-    torch.cuda.empty_cache()
+    reset_peak()
     for attention in ("causal", "bidirectional"):
         results[f"ours_{attention}"] = bench_ours(cfg, inputs, attention)
-        torch.cuda.empty_cache()
+        reset_peak()
     import transformers
 
     results["transformers"] = transformers.__version__
     results["wall_s"] = round(time.time() - t0, 1)
     print(f"{'case':<14} {'HF s':>8} {'ours causal s':>14} {'x HF':>6} {'ours bidir s':>13} {'x HF':>6}")
-    for case in ("text_4096", "images_4x448", "vision_tower"):
+    for case in ("text", "images", "vision_tower"):
         hf = results["hf"][case]["s"]
         c, b = results["ours_causal"][case]["s"], results["ours_bidirectional"][case]["s"]
         print(f"{case:<14} {hf:8.3f} {c:14.3f} {hf / c:6.2f} {b:13.3f} {hf / b:6.2f}")
