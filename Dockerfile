@@ -9,12 +9,12 @@ COPY megatron_moca ./megatron_moca
 COPY examples ./examples
 COPY tools ./tools
 
-# --no-deps for the package itself; its pure-Python needs are installed under the image's own pip
-# constraints (NGC ships /etc/pip/constraint.txt pinning torch and friends), so nothing GPU-side is replaced.
-RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir ${PIP_CONSTRAINT:+-c $PIP_CONSTRAINT} \
-      "megatron-core>=0.16.1,<0.20" "transformers>=4.52" "safetensors>=0.4" "pyyaml>=6" psutil \
- && python -c "import torch, megatron_moca; print('torch', torch.__version__)"
+# The image's torch (and TE, flash-attn, apex, DALI) already satisfy or are outside install_requires
+# (torch>=2.6 only), so pip adds the pure-Python needs and leaves the GPU stack alone; NGC's own
+# PIP_CONSTRAINT, where set, pins it further. The last line fails the build if torch was replaced.
+RUN TORCH_BEFORE=$(python -c "import torch; print(torch.__version__)") \
+ && pip install --no-cache-dir -e . \
+ && python -c "import torch, megatron_moca, sys; sys.exit(torch.__version__ != '$TORCH_BEFORE')"
 
 ENTRYPOINT ["moca"]
 CMD ["env"]

@@ -124,10 +124,16 @@ def load_model(model, folder: str) -> None:
     missing = set(targets) - set(loaded)
     if missing:
         raise RuntimeError(f"{folder}: keys not loaded {sorted(missing)[:3]}")
+    objects = {}  # non-tensor state (e.g. TE's FP8 metadata in `_extra_state`) goes through load_state_dict
     with torch.no_grad():
         for key, target in targets.items():
             pairs = zip(target, loaded[key]) if isinstance(target, list) else [(target, loaded[key])]
             for sh, value in pairs:
-                if isinstance(sh, ShardedTensor) and isinstance(value, torch.Tensor) \
-                        and value.data_ptr() != sh.data.data_ptr():
+                if not isinstance(sh, ShardedTensor):
+                    objects[key] = value
+                elif isinstance(value, torch.Tensor) and value.data_ptr() != sh.data.data_ptr():
                     sh.data.copy_(value)
+    if objects:
+        result = model.load_state_dict(objects, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{folder}: unexpected keys {result.unexpected_keys[:3]}")
