@@ -104,7 +104,10 @@ class MocaVLM(MegatronModule):
             ids = document_ids if document_ids is not None else torch.zeros(batch, seq, dtype=torch.long,
                                                                                  device=device)
             return ~allowed_from_document_ids(ids, self.causal)
-        if self.backend == "te" and document_ids is not None:
+        if self.backend == "te":
+            # the TE spec is built with a padding(_causal) mask type, which expects a key-padding mask
+            if document_ids is None:
+                return torch.zeros(batch, 1, 1, seq, dtype=torch.bool, device=device)
             if bool(((document_ids != 0) & (document_ids >= 0)).any()):
                 raise UserError("attention_backend='te' takes padded batches of single documents here; "
                                 "packed documents need attention_backend=flash or flex")
