@@ -110,3 +110,23 @@ def test_prepare_refuses_a_non_empty_output(tmp_path, capsys):
     assert main(["data", "prepare", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "x").read_text() == "keep"
+
+
+def test_prepare_reads_parquet_with_binary_images(tmp_path, real_images):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = [open(p, "rb").read() for p in sorted(real_images, key=os.path.getsize)[:3]]
+    moca = pa.table({"text": [f"a {PLACEHOLDER} b", "text only", f"{PLACEHOLDER}{PLACEHOLDER}"],
+                     "images": [[data[0]], [], [data[1]]]})  # the last row lacks an image
+    obelics = pa.table({"texts": [["intro", None, "outro"]], "images": [[None, data[2], None]]})
+    (tmp_path / "in").mkdir()
+    pq.write_table(moca, tmp_path / "in" / "moca.parquet")
+    pq.write_table(obelics, tmp_path / "in" / "obelics.parquet")
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--input", str(tmp_path / "in"), "--output", str(out), "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["samples"] == 3 and manifest["skipped"] == {"more image placeholders than images": 1}
+    docs = [d for s in manifest["shards"] for d in read_shard(str(out / s["name"]))]
+    assert [d.key for d in docs] == ["moca-000000000", "moca-000000001", "obelics-000000000"]
+    assert docs[0].images == [data[0]] and docs[2].images == [data[2]] and docs[2].segments == ["intro", 0, "outro"]
