@@ -53,6 +53,7 @@ class _OneEntryCache:
         self._ref, self._key, self._value = None, None, None
 
     def get(self, tensor: torch.Tensor, key, build):
+        key = (key, tensor._version)  # an in-place change of the same tensor object invalidates
         if self._ref is not None and self._ref() is tensor and self._key == key:
             return self._value
         self._value = build()
