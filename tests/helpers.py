@@ -1,9 +1,49 @@
-"""Model-building helpers shared by the CPU integration tests."""
+"""Helpers shared by the tests: tiny configs, the moca CLI and torchrun in subprocesses, HF models."""
+
+import os
+import subprocess
+import sys
 
 import torch
 
 from megatron_moca.conversion.hf_config import hf_config_from_model
 from megatron_moca.conversion.mapping import normalize_hf_key
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env():
+    """The environment for child processes: no torch.distributed variables of this process."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_moca(*args, timeout=600):
+    """Run the `moca` CLI in a fresh process (dist-checkpoint saves spawn workers)."""
+    env = child_env()
+    return subprocess.run([sys.executable, "-m", "megatron_moca.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def run_torchrun(nproc, script, *args, timeout=600):
+    env = child_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def tiny_config(**language):
+    from megatron_moca.config.model import preset
+
+    cfg = preset("tiny")
+    for k, v in language.items():
+        setattr(cfg.language, k, v)
+    return cfg
 
 
 def hf_model(cfg, seed=0):

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -193,8 +193,3 @@ def copy_side_files(src: str, dst: str) -> List[str]:
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
     return copied
-
-
-def iter_sorted(d: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
-    for k in sorted(d):
-        yield k, d[k]

@@ -122,7 +122,3 @@ def to_hf(rule: Rule, tensor: torch.Tensor, cfg: ModelConfig) -> Dict[str, torch
     else:
         raise ValueError(f"unknown mapping kind {rule.kind!r}")
     return {name: p.contiguous() for name, p in zip(rule.hf, parts)}
-
-
-def expected_hf_keys(cfg: ModelConfig) -> List[str]:
-    return [k for rule in build_rules(cfg) for k in rule.hf]

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, smart_resize
+from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, resized_size
 
 
 def dali_available() -> bool:
@@ -46,8 +46,7 @@ def target_size(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int]:
         raise ImageError(f"undecodable image ({type(e).__name__})") from None
     if w * h > cfg.max_decode_pixels:
         raise ImageError(f"{w}x{h} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
-    factor = cfg.patch_size * cfg.merge_size
-    return smart_resize(h, w, factor, cfg.min_pixels, cfg.max_pixels)
+    return resized_size(h, w, cfg)
 
 
 def grid_of(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int, int]:

@@ -59,6 +59,17 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+def resized_size(height: int, width: int, cfg: ImageProcessingConfig) -> Tuple[int, int]:
+    """(height, width) an image of this size is resized to under `cfg` (smart_resize, factor 28)."""
+    return smart_resize(height, width, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+
+
+def image_tokens(height: int, width: int, cfg: ImageProcessingConfig) -> int:
+    """LLM tokens of one image of this size: its merged patches plus <|vision_start|>/<|vision_end|>."""
+    h, w = resized_size(height, width, cfg)
+    return (h // cfg.patch_size) * (w // cfg.patch_size) // cfg.merge_size**2 + 2
+
+
 def _normalisation_table() -> np.ndarray:
     """[3, 256] float32: HF's rescale (float64 * 1/255 -> float32) then (x - mean) / std in float32."""
     scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
@@ -117,8 +128,7 @@ def load_and_resize(data, cfg: ImageProcessingConfig):
     img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
-    factor = cfg.patch_size * cfg.merge_size
-    h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
+    h, w = resized_size(img.height, img.width, cfg)
     if (h, w) != (img.height, img.width):
         # resampling is per channel, so a grey image resized before its expansion to RGB gives the
         # same bytes as HF's convert-then-resize, for a third of the work

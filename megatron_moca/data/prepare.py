@@ -17,7 +17,7 @@ import time
 from typing import Iterator, List, Optional, Tuple
 
 from megatron_moca.data.documents import Document, DocumentError, from_record
-from megatron_moca.data.image_processing import ImageProcessingConfig, smart_resize
+from megatron_moca.data.image_processing import ImageProcessingConfig, image_tokens
 from megatron_moca.data.shards import FORMAT, MANIFEST, SKIPPED, ShardWriter, safe_key
 from megatron_moca.errors import UserError
 
@@ -78,7 +78,7 @@ def _init_worker(tokenizer_dir: Optional[str]) -> None:
     _TOKENIZER = QwenTokenizer(tokenizer_dir)
 
 
-def _image_tokens(data: bytes) -> int:
+def _checked_image_tokens(data: bytes) -> int:
     """Decode at reduced size (catches corrupt/truncated files) and count the image's LLM tokens."""
     import io
 
@@ -98,12 +98,10 @@ def _image_tokens(data: bytes) -> int:
         raise DocumentError(BOMB) from None
     except Exception as e:  # PIL raises many types for bad files
         raise DocumentError(f"undecodable image ({type(e).__name__})") from None
-    factor = _IMAGE_CFG.patch_size * _IMAGE_CFG.merge_size
     try:
-        rh, rw = smart_resize(h, w, factor, _IMAGE_CFG.min_pixels, _IMAGE_CFG.max_pixels)
+        return image_tokens(h, w, _IMAGE_CFG)
     except ValueError as e:
         raise DocumentError(str(e)) from None
-    return (rh // _IMAGE_CFG.patch_size) * (rw // _IMAGE_CFG.patch_size) // _IMAGE_CFG.merge_size**2 + 2
 
 
 def _check(item) -> Tuple[str, object, int, int]:
@@ -114,7 +112,7 @@ def _check(item) -> Tuple[str, object, int, int]:
             raise record
         doc = record if isinstance(record, Document) else from_record(record, key, base_dir, source)
         text = sum(len(_TOKENIZER.encode(s)) for s in doc.segments if isinstance(s, str))
-        images = sum(_image_tokens(data) for data in doc.images)
+        images = sum(_checked_image_tokens(data) for data in doc.images)
         return key, doc, text, images
     except DocumentError as e:
         return key, str(e), 0, 0

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from helpers import build_batch
 
 from megatron_moca.models.vlm import MocaVLM

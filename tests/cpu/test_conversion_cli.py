@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_moca
+from helpers import run_moca
 from safetensors.torch import load_file, save_file
 
 from megatron_moca.cli import main

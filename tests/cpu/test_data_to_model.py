@@ -3,7 +3,7 @@ pixels from the data pipeline agree with what the model computes itself."""
 
 import numpy as np
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from megatron_moca.data.documents import PLACEHOLDER, from_record
 from megatron_moca.data.samples import GreedyPacker, Stage1SampleBuilder, Stage1SampleConfig

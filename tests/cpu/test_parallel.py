@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, run_moca, run_torchrun
+from helpers import REPO, run_moca, run_torchrun
 from safetensors.torch import load_file
 
 WORKER = os.path.join(REPO, "tests", "cpu", "parallel_worker.py")

@@ -18,7 +18,7 @@ def _cuda_batch(cfg, rows, seed):
 @pytest.mark.parametrize("mode", ["causal", "bidirectional"])
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_fp32_parity_on_gpu(megatron_runtime, mode, backend):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from helpers import hf_model, ours_from_hf
 
     from megatron_moca.conversion.verify import hf_logits, ours_logits
@@ -37,7 +37,7 @@ def test_fp32_parity_on_gpu(megatron_runtime, mode, backend):
 
 
 def test_packed_documents_with_compiled_flex(megatron_runtime):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from helpers import build_batch
 
     from megatron_moca.models.vlm import MocaVLM
