@@ -98,3 +98,19 @@ def build_batch(cfg, rows, seed=0):
     grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), cfg.vision.patch_dim, generator=g)
     return ids, mask, pixels, grid
+
+
+def two_documents_in_row0(cfg, ids, mask):
+    """Document ids for build_batch output: row 0 split into two documents after its last image."""
+    doc = torch.where(mask.bool(), 0, -1)
+    cut = int((ids[0] == cfg.tokens.image_token_id).nonzero().max()) + 2
+    doc[0, cut:] = torch.where(doc[0, cut:] >= 0, 1, -1)
+    return doc
+
+
+def hidden_and_grads(model, ids, pixels, grid, **kw):
+    """One forward + backward of a simple loss: the hidden states and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    hidden = model(ids, pixel_values=pixels, image_grid_thw=grid, **kw)
+    hidden.float().pow(2).mean().backward()
+    return hidden.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -6,12 +6,17 @@
 Inputs follow shared/bench/hf_vlm.py: one sequence of 4096 tokens, text only, and with 4 images of
 448x448 (4 x 1024 patches -> 4 x 256 image tokens); bf16, random init, forward + backward of a
 next-token CE over all positions (the same work on both sides), median of 6 after 2 warm-ups.
-Also the vision tower alone. Prints a table of seconds and ratios (ours vs HF); never asserts speed.
+Also the vision tower alone. Our model runs in each of --variants: causal or bidirectional attention,
+eager or with `+compile` (models/compile.py: each block compiled in place). Results are written to
+--out after every variant, so a run cut short keeps what it measured. Prints a table of seconds and
+ratios (ours vs HF); never asserts speed.
 """
 
 import argparse
+import inspect
 import json
 import time
+import traceback
 
 import torch
 
@@ -81,9 +86,12 @@ def bench_hf(cfg, inputs):
     def text_step():
         model(input_ids=text_ids, labels=text_ids).loss.backward()
 
+    # newer transformers take the image-token mask explicitly (older ones have no such argument)
+    extra = ({"mm_token_type_ids": (ids == cfg.tokens.image_token_id).int()}
+             if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters else {})
+
     def image_step():
-        model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=ids,
-              mm_token_type_ids=(ids == cfg.tokens.image_token_id).int()).loss.backward()
+        model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, labels=ids, **extra).loss.backward()
 
     def vision_step():
         out = model.model.visual(pixels, grid_thw=grid)
@@ -97,13 +105,17 @@ def bench_hf(cfg, inputs):
     return res  # the model is freed with this frame; the caller empties the cache
 
 
-def bench_ours(cfg, inputs, attention):
+def bench_ours(cfg, inputs, variant):
     from megatron.core import tensor_parallel
 
+    from megatron_moca.models.compile import compile_model
     from megatron_moca.models.vlm import MocaVLM
 
+    attention, _, compiled = variant.partition("+")
     cfg.attention = attention
     model = MocaVLM(cfg).to(DEVICE)
+    if compiled:
+        compile_model(model)
     text_ids, ids, pixels, grid = inputs
     res = {}
 
@@ -124,9 +136,22 @@ def bench_ours(cfg, inputs, attention):
 
     for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
         reset_peak()
-        res[name] = {"s": timed(fn), "peak_GiB": peak_gib()}
+        t0 = time.time()
+        res[name] = {"s": timed(fn), "peak_GiB": peak_gib(), "wall_s": round(time.time() - t0, 1)}
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
+
+
+def print_table(results, variants):
+    head = f"{'case':<14} {'HF s':>8}" + "".join(f" {v[:24]:>24} {'x HF':>6}" for v in variants)
+    print(head)
+    for case in ("text", "images", "vision_tower"):
+        hf = results["hf"][case]["s"]
+        row = f"{case:<14} {hf:8.3f}"
+        for v in variants:
+            got = results.get(f"ours_{v}", {}).get(case)
+            row += f" {got['s']:24.3f} {hf / got['s']:6.2f}" if got else f" {'-':>24} {'-':>6}"
+        print(row)
 
 
 def main():
@@ -137,6 +162,8 @@ def main():
     parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence (4 images inside)")
     parser.add_argument("--grid", type=int, default=32, help="patches per image side (32 = 448x448 pixels)")
     parser.add_argument("--repeat", type=int, default=6, help="timed repetitions (median), after 2 warm-ups")
+    parser.add_argument("--variants", default="causal,bidirectional,bidirectional+compile,causal+compile",
+                        help="comma-separated: causal|bidirectional, optionally +compile")
     args = parser.parse_args()
     global DEVICE, REPEAT
     DEVICE, REPEAT = args.device, args.repeat
@@ -152,23 +179,29 @@ def main():
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
                "seq": args.seq,
                "backend": resolve_backend(cfg.attention_backend), "hf": bench_hf(cfg, inputs)}
-    reset_peak()
-    for attention in ("causal", "bidirectional"):
-        results[f"ours_{attention}"] = bench_ours(cfg, inputs, attention)
-        reset_peak()
     import transformers
 
     results["transformers"] = transformers.__version__
-    results["wall_s"] = round(time.time() - t0, 1)
-    print(f"{'case':<14} {'HF s':>8} {'ours causal s':>14} {'x HF':>6} {'ours bidir s':>13} {'x HF':>6}")
-    for case in ("text", "images", "vision_tower"):
-        hf = results["hf"][case]["s"]
-        c, b = results["ours_causal"][case]["s"], results["ours_bidirectional"][case]["s"]
-        print(f"{case:<14} {hf:8.3f} {c:14.3f} {hf / c:6.2f} {b:13.3f} {hf / b:6.2f}")
+    variants = [v for v in args.variants.split(",") if v]
+
+    def save():
+        results["wall_s"] = round(time.time() - t0, 1)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    save()
+    for variant in variants:
+        reset_peak()
+        try:
+            results[f"ours_{variant}"] = bench_ours(cfg, inputs, variant)
+        except Exception:  # keep the other variants' numbers; the failure is part of the result
+            results[f"ours_{variant}_error"] = traceback.format_exc()[-3000:]
+            print(results[f"ours_{variant}_error"])
+        torch._dynamo.reset()
+        save()
+    print_table(results, variants)
     print(json.dumps(results, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
     runtime.shutdown()
 
 

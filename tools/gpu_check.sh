@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One prepared device check: GPU tests + the 3B benchmark against HF, printing a table.
-# The lent device has torch + transformers but no megatron-core: carry it as wheels first, here:
-#   echo /.whl/ >> .git/info/exclude
+# One prepared device check: versions, the GPU tests, and the 3B benchmark against HF (table + JSON).
+# The lent device has torch + transformers but no megatron-core (nor pytest): carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl megatron-core==0.19.2 pytest
-# and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     megatron-core==0.19.2 pytest pluggy iniconfig pygments pytest-timeout
+# (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
+# Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
+# Time caps: GPU_TESTS_S for the tests, the bench gets the rest of the caller's limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,7 +17,23 @@ else
 fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m megatron_moca.cli env
-python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
-python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "transformers", "triton", "megatron.core", "torchvision", "transformer_engine", "flash_attn",
+             "nvidia.dali", "apex"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:18} {getattr(mod, '__version__', 'present')}")
+    except Exception as exc:
+        print(f"{name:18} absent ({type(exc).__name__})")
+EOF
+  python3 -m megatron_moca.cli env
+} 2>&1 | tee "$OUT/env.txt"
+timeout "${GPU_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 tests/gpu 2>&1 \
+  | tee "$OUT/gpu_tests.log"
+python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/bench_gpu.log"

@@ -32,6 +32,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionAttention(MegatronModule):
+    """QKV and output projections of a ViT block; the block runs the segment attention between them."""
+
     def __init__(self, config, vcfg: VisionConfig):
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
@@ -44,15 +46,14 @@ class VisionAttention(MegatronModule):
             vcfg.hidden_size, vcfg.hidden_size, config=config, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x, cos, sin, segments: Segments):
+    def rotated_qkv(self, x, cos, sin):
+        """x [N, d] -> q, k, v [N, heads, head_dim] with the 2-D rotary applied to q and k."""
         qkv, _ = self.qkv(x)
         q, k, v = qkv.view(x.shape[0], self.heads_local, 3, self.head_dim).unbind(2)
         dtype = q.dtype
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        out = segment_attention(q, k, v, segments)
-        out, _ = self.proj(out.reshape(x.shape[0], -1))
-        return out
+        return q, k, v
 
 
 class VisionBlock(MegatronModule):
@@ -64,10 +65,20 @@ class VisionBlock(MegatronModule):
         self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
                                              linear_fc2=tensor_parallel.RowParallelLinear))
 
-    def forward(self, x, cos, sin, segments: Segments):
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
+    # Split around the segment attention so the dense parts can be compiled (models/compile.py)
+    # while the layout-dependent attention call stays eager.
+    def attention_inputs(self, x, cos, sin):
+        return self.attn.rotated_qkv(self.norm1(x), cos, sin)
+
+    def attention_output_and_mlp(self, x, attended):
+        out, _ = self.attn.proj(attended.reshape(x.shape[0], -1))
+        x = x + out
         out, bias = self.mlp(self.norm2(x))
         return x + (out if bias is None else out + bias)
+
+    def forward(self, x, cos, sin, segments: Segments):
+        attended = segment_attention(*self.attention_inputs(x, cos, sin), segments)
+        return self.attention_output_and_mlp(x, attended)
 
 
 class PatchMerger(MegatronModule):
