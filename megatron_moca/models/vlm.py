@@ -43,7 +43,11 @@ logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
 
 class MocaVLM(MegatronModule):
     def __init__(self, cfg: ModelConfig, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 initialize: bool = True):
+                 initialize: bool = True, vision_on_text_batches: bool = False):
+        """vision_on_text_batches: in training, run the vision tower on a dummy image for batches without
+        images (zero gradients), for data-parallel wrappers that need every parameter's gradient on
+        every step (e.g. megatron DDP with overlapped grad reduction). Costs a vision pass per text batch.
+        """
         cfg.validate(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         llm_config = language_transformer_config(cfg, initialize)
         super().__init__(config=llm_config)
@@ -53,6 +57,7 @@ class MocaVLM(MegatronModule):
         self.post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
         self.backend = resolve_backend(cfg.attention_backend)
         self.causal = cfg.attention == "causal"
+        self.vision_on_text_batches = vision_on_text_batches
         layer_spec = llm_layer_spec(self.backend, self.causal)
         if self.backend == "te":
             from megatron.core.extensions.transformer_engine import TENorm as final_norm
@@ -124,7 +129,7 @@ class MocaVLM(MegatronModule):
                 raise ValueError(f"{int(slots.sum())} <|image_pad|> tokens but the images give {vis.shape[0]} "
                                  "embeddings")
             emb = emb.transpose(0, 1).masked_scatter(slots[..., None], vis).transpose(0, 1).contiguous()
-        elif self.training and self.vision is not None:
+        elif self.vision_on_text_batches and self.training and self.vision is not None:
             # text-only batch: keep every vision parameter in the graph (zero gradient) so DDP buckets
             # and the distributed optimizer see the same parameter set on every step
             dummy = self.vision(torch.zeros(self.cfg.vision.merge_unit, self.cfg.vision.patch_dim, device=emb.device),

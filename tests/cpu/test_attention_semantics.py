@@ -71,14 +71,19 @@ def test_flex_and_dense_masks_agree_on_packed_documents():
         assert (dense - flex).abs().max().item() <= 1e-5
 
 
-def test_text_only_training_step_gives_every_parameter_a_gradient(megatron_runtime):
-    """Text-only batches keep the vision tower in the graph (zero gradients), so DDP buckets and the
-    distributed optimizer see the same parameters every step."""
+@pytest.mark.parametrize("vision_on_text_batches", [True, False])
+def test_text_only_training_step_and_the_vision_tower(megatron_runtime, vision_on_text_batches):
+    """With vision_on_text_batches, text-only batches keep the vision tower in the graph (zero
+    gradients), so DDP buckets see the same parameters every step; without it the tower is skipped."""
     model = model_for("sdpa", "bidirectional").train()
+    model.vision_on_text_batches = vision_on_text_batches
     ids, mask, _, _ = build_batch(model.cfg, [[], []], seed=1)
     hidden = model(ids, document_ids=torch.where(mask.bool(), 0, -1))
     model.logits(hidden).float().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert missing == []
-    assert all(float(p.grad.abs().max()) == 0.0 for p in model.vision.parameters())
+    if vision_on_text_batches:
+        assert missing == []
+        assert all(float(p.grad.abs().max()) == 0.0 for p in model.vision.parameters())
+    else:
+        assert sorted(missing) == sorted(f"vision.{n}" for n, _ in model.vision.named_parameters())
     assert float(model.language.embedding.word_embeddings.weight.grad.abs().max()) > 0

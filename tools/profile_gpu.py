@@ -1,0 +1,193 @@
+"""GPU diagnostics behind tools/bench_gpu.py: where a training step's time goes, ours vs HF.
+
+    python tools/profile_gpu.py [--preset qwen25vl_3b] [--seq 4096] [--out profile.json]
+
+1. torch SDPA at the LLM's attention shapes: megatron's [s, b, h, d] layout permuted vs contiguous,
+   GQA via enable_gqa vs repeated K/V, causal vs bidirectional; fwd+bwd ms and the kernels used.
+2. flex_attention on small fp32 inputs laid out as megatron's fused QKV gives them, and contiguous.
+3. torch.profiler of one text-only step (bidirectional, eager) of our model and of HF's: the top
+   kernels by GPU time, GPU-busy time vs wall time (a large gap means the step is launch-bound).
+Diagnostics only: prints tables, asserts nothing.
+"""
+
+import argparse
+import json
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+def timed_ms(fn, warm=2, rep=5):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def kernels_of(fn, top=6):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    return [(e.key[:90], round(e.self_device_time_total / 1e3, 3)) for e in rows[:top] if e.self_device_time_total > 0]
+
+
+def sdpa_cases(seq, heads=16, groups=2, dim=128):
+    out = {}
+    base = torch.randn(seq, 1, heads + 2 * groups, dim, device="cuda", dtype=torch.bfloat16)
+    for layout in ("megatron", "contiguous"):
+        for gqa in ("enable_gqa", "repeat_kv"):
+            for causal in (True, False):
+                def run():
+                    x = base.clone().requires_grad_(True)
+                    q, k, v = x.split([heads, groups, groups], dim=2)
+                    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+                    if layout == "contiguous":
+                        q, k, v = (t.contiguous() for t in (q, k, v))
+                    kw = {}
+                    if gqa == "repeat_kv":
+                        k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
+                    else:
+                        kw["enable_gqa"] = True
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw).float().sum().backward()
+
+                name = f"{layout}/{gqa}/{'causal' if causal else 'bidirectional'}"
+                try:
+                    out[name] = {"ms": round(timed_ms(run), 3), "kernels": kernels_of(run, 3)}
+                except Exception as exc:
+                    out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(name, out[name])
+    return out
+
+
+def flex_cases():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    out = {}
+    compiled = torch.compile(flex_attention, dynamic=False)
+    b, s, hq, hkv, d = 3, 100, 4, 2, 16
+    doc = torch.zeros(b, s, dtype=torch.long, device="cuda")
+    doc[:, 60:] = -1
+
+    def mask_mod(bi, _h, qi, ki):
+        return doc[bi, qi] == doc[bi, ki]
+
+    block_mask = create_block_mask(mask_mod, b, None, s, s, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("megatron", "contiguous"):
+            fused = torch.randn(s, b, hq + 2 * hkv, d, device="cuda", dtype=dtype)
+            q, k, v = fused.split([hq, hkv, hkv], dim=2)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+            if layout == "contiguous":
+                q, k, v = (t.contiguous() for t in (q, k, v))
+            name = f"{str(dtype)[6:]}/{layout}"
+            try:
+                compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+                out[name] = "ok"
+            except Exception as exc:
+                out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print("flex", name, out[name])
+    return out
+
+
+def step_profile(fn, top=25):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    table = [(e.key[:100], e.count, round(e.self_device_time_total / 1e3, 2)) for e in rows]
+    return {"wall_ms_profiled": round(1e3 * wall, 1), "gpu_busy_ms": round(busy, 1),
+            "step_ms": round(timed_ms(fn), 1), "kernels": len(prof.events()), "top": table}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="qwen25vl_3b")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    for name, fn in (("sdpa", lambda: sdpa_cases(args.seq)), ("flex_fp32_small", flex_cases)):
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name + "_error"] = traceback.format_exc()[-2000:]
+        save()
+
+    from megatron.core import tensor_parallel
+
+    from megatron_moca.config.model import preset
+    from megatron_moca.distributed import runtime
+    from megatron_moca.models.vlm import MocaVLM
+
+    import bench_gpu
+
+    runtime.initialize(1, 1, seed=0)
+    cfg = preset(args.preset)
+    cfg.params_dtype, cfg.attention = "bfloat16", "bidirectional"
+    text_ids = bench_gpu.make_inputs(cfg, seq=args.seq)[0]
+    try:
+        model = MocaVLM(cfg).cuda()
+
+        def ours():
+            hidden = model(text_ids)
+            labels = torch.roll(text_ids, -1, dims=1).transpose(0, 1).contiguous()
+            tensor_parallel.vocab_parallel_cross_entropy(model.logits(hidden).float(), labels).mean().backward()
+
+        def ours_no_loss():
+            model(text_ids).float().pow(2).mean().backward()
+
+        results["ours_text"] = step_profile(ours)
+        results["ours_text_hidden_only_ms"] = round(timed_ms(ours_no_loss), 1)
+        print(json.dumps({k: results[k] for k in ("ours_text", "ours_text_hidden_only_ms")}, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    except Exception:
+        results["ours_error"] = traceback.format_exc()[-2000:]
+    save()
+    try:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        from megatron_moca.conversion.hf_config import hf_config_from_model
+
+        hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg))
+        hf_cfg._attn_implementation = "sdpa"
+        with torch.device("cuda"):
+            hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
+        results["hf_text"] = step_profile(lambda: hf(input_ids=text_ids, labels=text_ids).loss.backward())
+        print(json.dumps(results["hf_text"], indent=1))
+    except Exception:
+        results["hf_error"] = traceback.format_exc()[-2000:]
+    save()
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
