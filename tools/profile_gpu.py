@@ -4,8 +4,9 @@
 
 1. torch SDPA at the LLM's attention shapes: megatron's [s, b, h, d] layout permuted vs contiguous,
    GQA via enable_gqa vs repeated K/V, causal vs bidirectional; fwd+bwd ms and the kernels used.
-2. flex_attention on small fp32 inputs laid out as megatron's fused QKV gives them, and contiguous.
-3. torch.profiler of one text-only step (bidirectional, eager) of our model and of HF's: the top
+2. which shapes the compiled flex_attention kernel accepts (small ones failed on torch 2.11).
+3. torch.profiler of the vision tower alone (4 images of 448x448), and of one text-only step
+   (bidirectional, eager) of our model and of HF's: the top
    kernels by GPU time, GPU-busy time vs wall time (a large gap means the step is launch-bound).
 Diagnostics only: prints tables, asserts nothing.
 """
@@ -77,28 +78,27 @@ def flex_cases():
 
     out = {}
     compiled = torch.compile(flex_attention, dynamic=False)
-    b, s, hq, hkv, d = 3, 100, 4, 2, 16
-    doc = torch.zeros(b, s, dtype=torch.long, device="cuda")
-    doc[:, 60:] = -1
+    # (batch, seq, q heads, kv heads, head dim, dtype); the first failed in tests/gpu on torch 2.11
+    shapes = [(3, 100, 4, 2, 16, torch.float32), (1, 100, 4, 2, 16, torch.float32), (3, 128, 4, 2, 16, torch.float32),
+              (3, 100, 4, 4, 16, torch.float32), (3, 100, 4, 2, 64, torch.float32), (3, 100, 4, 2, 16, torch.bfloat16),
+              (3, 256, 4, 2, 64, torch.bfloat16), (2, 1024, 16, 2, 128, torch.bfloat16)]
+    for b, s, hq, hkv, d, dtype in shapes:
+        doc = torch.zeros(b, s, dtype=torch.long, device="cuda")
+        doc[:, s * 3 // 5:] = -1
 
-    def mask_mod(bi, _h, qi, ki):
-        return doc[bi, qi] == doc[bi, ki]
+        def mask_mod(bi, _h, qi, ki):
+            return doc[bi, qi] == doc[bi, ki]
 
-    block_mask = create_block_mask(mask_mod, b, None, s, s, device="cuda")
-    for dtype in (torch.float32, torch.bfloat16):
-        for layout in ("megatron", "contiguous"):
-            fused = torch.randn(s, b, hq + 2 * hkv, d, device="cuda", dtype=dtype)
-            q, k, v = fused.split([hq, hkv, hkv], dim=2)
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-            if layout == "contiguous":
-                q, k, v = (t.contiguous() for t in (q, k, v))
-            name = f"{str(dtype)[6:]}/{layout}"
-            try:
-                compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
-                out[name] = "ok"
-            except Exception as exc:
-                out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            print("flex", name, out[name])
+        block_mask = create_block_mask(mask_mod, b, None, s, s, device="cuda")
+        q = torch.randn(b, hq, s, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=dtype) for _ in range(2))
+        name = f"b{b}/s{s}/h{hq}:{hkv}/d{d}/{str(dtype)[6:]}"
+        try:
+            compiled(q, k, v, block_mask=block_mask, enable_gqa=hq != hkv)
+            out[name] = "ok"
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        print("flex", name, out[name])
     return out
 
 
@@ -126,7 +126,10 @@ def main():
     parser.add_argument("--preset", default="qwen25vl_3b")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--parts", default="sdpa,flex,vision,steps",
+                        help="comma-separated subset of sdpa,flex,vision,steps")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     def save():
@@ -134,13 +137,17 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
 
-    for name, fn in (("sdpa", lambda: sdpa_cases(args.seq)), ("flex_fp32_small", flex_cases)):
+    for name, fn in (("sdpa", lambda: sdpa_cases(args.seq)), ("flex", flex_cases)):
+        if name not in parts:
+            continue
         try:
             results[name] = fn()
         except Exception:
             results[name + "_error"] = traceback.format_exc()[-2000:]
         save()
 
+    if not parts & {"steps", "vision"}:
+        return
     from megatron.core import tensor_parallel
 
     from megatron_moca.config.model import preset
@@ -152,7 +159,22 @@ def main():
     runtime.initialize(1, 1, seed=0)
     cfg = preset(args.preset)
     cfg.params_dtype, cfg.attention = "bfloat16", "bidirectional"
-    text_ids = bench_gpu.make_inputs(cfg, seq=args.seq)[0]
+    text_ids, _, pixels, grid = bench_gpu.make_inputs(cfg, seq=args.seq)
+    if "vision" in parts:
+        from megatron_moca.models.vision_layout import vision_layout
+
+        try:
+            model = MocaVLM(cfg).cuda()
+            results["ours_vision"] = step_profile(lambda: model.vision(pixels, grid).float().sum().backward())
+            results["vision_layout_ms"] = round(timed_ms(lambda: vision_layout(grid.cpu(), cfg.vision, "cuda")), 2)
+            print(json.dumps({k: results[k] for k in ("ours_vision", "vision_layout_ms")}, indent=1))
+            model = None
+            torch.cuda.empty_cache()
+        except Exception:
+            results["vision_error"] = traceback.format_exc()[-2000:]
+        save()
+    if "steps" not in parts:
+        return
     try:
         model = MocaVLM(cfg).cuda()
 
@@ -167,7 +189,7 @@ def main():
         results["ours_text"] = step_profile(ours)
         results["ours_text_hidden_only_ms"] = round(timed_ms(ours_no_loss), 1)
         print(json.dumps({k: results[k] for k in ("ours_text", "ours_text_hidden_only_ms")}, indent=1))
-        del model
+        model = None
         torch.cuda.empty_cache()
     except Exception:
         results["ours_error"] = traceback.format_exc()[-2000:]

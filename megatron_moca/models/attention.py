@@ -15,6 +15,7 @@ SDPA at 16k tokens on an H200), or a dense SDPA mask (CPU).
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import Optional
 
@@ -65,9 +66,12 @@ _FLEX_CACHE = _OneEntryCache()
 _DENSE_CACHE = _OneEntryCache()
 _SEGMENT_CACHE = _OneEntryCache()
 _compiled_flex = None
+_FLEX_UNSUPPORTED = set()  # (q shape, k shape, dtype) the compiled flex kernel could not handle
 
 
 def _flex_attention(q, k, v, doc_ids: torch.Tensor, causal: bool, enable_gqa: bool):
+    """q/k/v [b, h, s, d] -> [b, h, s, d] with a document block mask; compiled on CUDA. Returns None
+    where inductor has no kernel for the shape (the caller then uses the dense SDPA mask)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     global _compiled_flex
@@ -81,11 +85,23 @@ def _flex_attention(q, k, v, doc_ids: torch.Tensor, causal: bool, enable_gqa: bo
         return create_block_mask(mask_mod, b, None, s, s, device=q.device)
 
     block_mask = _FLEX_CACHE.get(doc_ids, (causal, q.device), build)
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    key = (tuple(q.shape), tuple(k.shape), q.dtype)
+    if key in _FLEX_UNSUPPORTED:
+        return None
+    try:
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    except Exception as exc:  # noqa: BLE001 - inductor raises several types when it has no kernel
+        # Seen with torch 2.11 on an H100: "NoValidChoicesError" for some small shapes (b=3, s=100,
+        # head_dim 16). The caller falls back to the dense SDPA mask for this shape, once logged.
+        _FLEX_UNSUPPORTED.add(key)
+        logging.getLogger(__name__).warning(
+            "flex_attention has no kernel for q%s k%s %s (%s: %s); using a dense SDPA mask for this shape",
+            tuple(q.shape), tuple(k.shape), q.dtype, type(exc).__name__, str(exc).splitlines()[0][:200])
+        return None
 
 
 def _flash_varlen(q, k, v, doc_ids: torch.Tensor, causal: bool):
@@ -138,7 +154,8 @@ class TorchCoreAttention(MegatronModule):
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
             if kernel == "flex":
                 out = _flex_attention(q, k, v, mask, causal, gqa)
-                return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hd)
+                if out is not None:
+                    return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hd)
             allowed = _DENSE_CACHE.get(mask, causal, lambda: allowed_from_document_ids(mask, causal))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
                                                  scale=self.softmax_scale, enable_gqa=gqa)

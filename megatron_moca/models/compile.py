@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
+import torch._dynamo
 
 # Different sequence lengths and the two vision block kinds each add a cache entry; the default
 # limit (8) would silently fall back to eager on a long run with varied lengths.
@@ -27,8 +28,6 @@ _CACHE_SIZE_LIMIT = 64
 
 def compile_model(model, backend: str = "inductor") -> List[str]:
     """Compile MocaVLM's blocks in place; returns the names of what was compiled."""
-    import torch._dynamo
-
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _CACHE_SIZE_LIMIT)
     compiled = []
     if model.backend != "te":

@@ -10,7 +10,7 @@ group of equal-length segments is one batched attention call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,14 @@ from megatron_moca.config.model import VisionConfig
 class Segments:
     """A partition of the (window-ordered) token sequence into attention segments, grouped by length.
 
-    order: token permutation that makes each length group contiguous; inverse: its inverse.
+    order: token permutation that makes each length group contiguous; inverse: its inverse. Both None
+    when the tokens are already in that order (e.g. images whose sides are whole windows), which
+    saves three gathers and a scatter per block.
     groups: (length, count) in the order the groups appear after `order`.
     """
 
-    order: torch.Tensor
-    inverse: torch.Tensor
+    order: Optional[torch.Tensor]
+    inverse: Optional[torch.Tensor]
     groups: List[Tuple[int, int]]
 
     @classmethod
@@ -42,6 +44,8 @@ class Segments:
             pieces.append((torch.tensor(group_starts)[:, None] + torch.arange(n)[None]).flatten())
             groups.append((n, len(group_starts)))
         order = torch.cat(pieces)
+        if torch.equal(order, torch.arange(len(order))):
+            return cls(order=None, inverse=None, groups=groups)
         return cls(order=order.to(device), inverse=torch.argsort(order).to(device), groups=groups)
 
 
@@ -85,11 +89,13 @@ def vision_layout(grid_thw: torch.Tensor, cfg: VisionConfig, device=None) -> Vis
 
 def segment_attention(q, k, v, segments: Segments) -> torch.Tensor:
     """Bidirectional attention within segments; q/k/v [N, heads, d] -> [N, heads, d]."""
-    q, k, v = (t[segments.order] for t in (q, k, v))
+    if segments.order is not None:
+        q, k, v = (t[segments.order] for t in (q, k, v))
     outs, start = [], 0
     for n, count in segments.groups:
         end = start + n * count
         qs, ks, vs = (t[start:end].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(end - start, *q.shape[1:]))
         start = end
-    return torch.cat(outs)[segments.inverse]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if segments.inverse is None else out[segments.inverse]

@@ -34,10 +34,16 @@ def test_grouping_puts_equal_lengths_in_one_call():
     assert torch.equal(segs.order[segs.inverse], torch.arange(272))
 
 
-def test_segment_attention_equals_per_segment_loop():
+def test_segments_already_in_order_need_no_permutation():
+    assert Segments.from_lengths([64, 64, 64]).order is None
+    assert Segments.from_lengths([64, 64, 32, 32]).order is None
+    assert Segments.from_lengths([64, 32, 64]).order is not None
+
+
+@pytest.mark.parametrize("lengths", [[64, 16, 64, 40, 16], [32, 32, 8]])
+def test_segment_attention_equals_per_segment_loop(lengths):
     from megatron_moca.models.vision_layout import segment_attention
 
-    lengths = [64, 16, 64, 40, 16]
     q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
     got = segment_attention(q, k, v, Segments.from_lengths(lengths))
     outs, start = [], 0
