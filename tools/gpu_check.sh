@@ -6,7 +6,8 @@
 #     megatron-core==0.19.2 pytest pluggy iniconfig pygments pytest-timeout
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
-# Time caps: GPU_TESTS_S for the tests, the bench gets the rest of the caller's limit.
+# Time caps: GPU_TESTS_S for the tests, the bench gets the rest of the caller's limit (about 3 minutes in
+# all on an H100, most of it compiling). tools/profile_gpu.py is the follow-up when a ratio looks wrong.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -37,9 +37,9 @@ def test_fp32_parity_on_gpu(megatron_runtime, mode, backend):
 
 
 def test_packed_documents_with_compiled_flex(megatron_runtime):
-    from helpers import tiny_config
-    from helpers import build_batch
+    from helpers import build_batch, tiny_config
 
+    from megatron_moca.models.attention import _FLEX_UNSUPPORTED
     from megatron_moca.models.vlm import MocaVLM
 
     cfg = tiny_config()
@@ -47,8 +47,6 @@ def test_packed_documents_with_compiled_flex(megatron_runtime):
     torch.manual_seed(0)
     model = MocaVLM(cfg).cuda().eval()
     docs = [build_batch(cfg, [[(1, 6, 10)]], seed=3), build_batch(cfg, [[]], seed=4)]
-    from megatron_moca.models.attention import _FLEX_UNSUPPORTED
-
     _FLEX_UNSUPPORTED.clear()  # earlier tests may have met shapes without a kernel
     with torch.no_grad():
         alone = [model(d[0].cuda(), pixel_values=None if d[2] is None else d[2].cuda(),
