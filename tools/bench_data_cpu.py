@@ -9,6 +9,9 @@ settings (min_pixels 256*28*28, max_pixels 1024*28*28). Measured in the same run
            temporal copy happen on the device, data/pixels.py)
   samples  the full stage-1 sample path: documents (text + 2 images each) -> tokens, MLM and MAE masks,
            M-RoPE positions, uint8 frames
+  images / samples with resize_on_device: the CPU only decodes; resize (Pillow's exact bicubic in
+           torch, data/resize.py) and patchify run on the device with the normalisation. The device
+           part is also timed here on this CPU (one thread), for information only.
 --rss additionally runs `moca data prepare` on a 1x and a 10x corpus and prints both peak RSS values.
 Prints ratios; asserts nothing.
 """
@@ -84,6 +87,21 @@ def main():
         for data in raw:
             image_frames(data)
 
+    import torch
+
+    from megatron_moca.data.samples import Stage1SampleConfig
+
+    torch.set_num_threads(1)
+    device_cfg = Stage1SampleConfig(resize_on_device=True)
+
+    def ours_images_cpu_part_with_device_resize():
+        builder_for_images = Stage1SampleBuilder.__new__(Stage1SampleBuilder)
+        builder_for_images.cfg = device_cfg
+        sink = []
+        for data in raw:
+            builder_for_images._device_image(data, sink)
+        return sink
+
     tok = QwenTokenizer()
     builder = Stage1SampleBuilder(tok)
     text = "The figure below shows the result of the operation described in the previous section. " * 4
@@ -94,15 +112,39 @@ def main():
         for i, d in enumerate(docs):
             builder.build(d, np.random.default_rng(i))
 
+    device_builder = Stage1SampleBuilder(tok, device_cfg)
+
+    def ours_samples_device_resize():
+        for i, d in enumerate(docs):
+            device_builder.build(d, np.random.default_rng(i))
+
+    from megatron_moca.data.pixels import images_to_frames
+
+    payload = ours_images_cpu_part_with_device_resize()
+    grids = torch.tensor([image_frames(data)[1] for data in raw])
+
+    def device_part_on_this_cpu():
+        images_to_frames([torch.from_numpy(a) for a in payload], grids)
+
     hf_rate = median_rate(hf, len(raw), args.repeat)
     img_rate = median_rate(ours_images, len(raw), args.repeat)
     sample_rate = median_rate(ours_samples, len(docs), args.repeat)
+    split_img_rate = median_rate(ours_images_cpu_part_with_device_resize, len(raw), args.repeat)
+    split_sample_rate = median_rate(ours_samples_device_resize, len(docs), args.repeat)
+    device_on_cpu_rate = median_rate(device_part_on_this_cpu, len(raw), args.repeat)
     result = {
         "images": len(raw), "cpu": "1 core", "torch_threads": os.environ["OMP_NUM_THREADS"],
         "hf_processor_images_per_s": round(hf_rate, 1),
         "ours_images_per_s": round(img_rate, 1), "images_ratio_vs_hf": round(img_rate / hf_rate, 2),
         "ours_samples_per_s": round(sample_rate, 1), "ours_tokens_per_s": round(sample_rate * tokens / len(docs)),
         "sample_images_per_s_ratio_vs_hf": round(2 * sample_rate / hf_rate, 2),
+        "resize_on_device": {
+            "cpu_images_per_s": round(split_img_rate, 1), "images_ratio_vs_hf": round(split_img_rate / hf_rate, 2),
+            "cpu_samples_per_s": round(split_sample_rate, 1),
+            "cpu_tokens_per_s": round(split_sample_rate * tokens / len(docs)),
+            "sample_images_per_s_ratio_vs_hf": round(2 * split_sample_rate / hf_rate, 2),
+            "device_part_images_per_s_on_this_cpu": round(device_on_cpu_rate, 1),
+        },
     }
     if args.rss:
         result["prepare_peak_rss_MiB_1x"] = round(rss_of_prepare(1, paths), 1)

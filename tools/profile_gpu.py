@@ -4,7 +4,8 @@
 
 1. torch SDPA at the LLM's attention shapes: megatron's [s, b, h, d] layout permuted vs contiguous,
    GQA via enable_gqa vs repeated K/V, causal vs bidirectional; fwd+bwd ms and the kernels used.
-2. which shapes the compiled flex_attention kernel accepts (small ones failed on torch 2.11).
+2. which shapes the compiled flex_attention kernel accepts (small ones failed on torch 2.11), and
+   the throughput of resize_on_device's exact bicubic on the GPU.
 3. torch.profiler of the vision tower alone (4 images of 448x448), and of one text-only step
    (bidirectional, eager) of our model and of HF's: the top
    kernels by GPU time, GPU-busy time vs wall time (a large gap means the step is launch-bound).
@@ -102,6 +103,25 @@ def flex_cases():
     return out
 
 
+def resize_cases():
+    """resize_on_device: exact Pillow bicubic + patchify on the GPU for 8 images of common sizes."""
+    from megatron_moca.data.image_processing import ImageProcessingConfig, resized_size
+    from megatron_moca.data.pixels import images_to_frames
+
+    cfg = ImageProcessingConfig()
+    sizes = [(1411, 1411), (500, 741), (512, 512), (872, 1000), (300, 451), (191, 384), (1080, 1920), (102, 102)]
+    images, grids = [], []
+    for h, w in sizes:
+        images.append(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).pin_memory())
+        th, tw = resized_size(h, w, cfg)
+        grids.append((1, th // 14, tw // 14))
+    grid = torch.tensor(grids)
+    ms = timed_ms(lambda: images_to_frames(images, grid, device="cuda"))
+    out = {"images": len(sizes), "ms_per_batch_incl_upload": round(ms, 2), "images_per_s": round(1e3 * len(sizes) / ms)}
+    print("resize", out)
+    return out
+
+
 def step_profile(fn, top=25):
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,8 +146,8 @@ def main():
     parser.add_argument("--preset", default="qwen25vl_3b")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--parts", default="sdpa,flex,vision,steps",
-                        help="comma-separated subset of sdpa,flex,vision,steps")
+    parser.add_argument("--parts", default="sdpa,flex,resize,vision,steps",
+                        help="comma-separated subset of sdpa,flex,resize,vision,steps")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -137,7 +157,7 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
 
-    for name, fn in (("sdpa", lambda: sdpa_cases(args.seq)), ("flex", flex_cases)):
+    for name, fn in (("sdpa", lambda: sdpa_cases(args.seq)), ("flex", flex_cases), ("resize", resize_cases)):
         if name not in parts:
             continue
         try:

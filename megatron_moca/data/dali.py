@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, resized_size
+from megatron_moca.data.pixels import patchify_frame_torch
 
 
 def dali_available() -> bool:
@@ -52,15 +53,6 @@ def target_size(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int]:
 def grid_of(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int, int]:
     h, w = target_size(data, cfg)
     return 1, h // cfg.patch_size, w // cfg.patch_size
-
-
-def patchify_frame_torch(image: torch.Tensor, cfg: ImageProcessingConfig) -> torch.Tensor:
-    """[H, W, 3] uint8 (any device) -> [N, 3*P*P] one-frame rows in 2x2-merge order (as patchify_frame)."""
-    p, m = cfg.patch_size, cfg.merge_size
-    h, w, c = image.shape
-    gh, gw = h // p, w // p
-    x = image.reshape(gh // m, m, p, gw // m, m, p, c).permute(0, 3, 1, 4, 6, 2, 5)
-    return x.reshape(gh * gw, c * p * p)
 
 
 class DaliImageDecoder:
@@ -101,7 +93,7 @@ class DaliImageDecoder:
                 h, w = int(size[0]), int(size[1])
                 if tuple(tensor.shape[:2]) != (h, w):
                     raise ImageError(f"DALI produced {tuple(tensor.shape[:2])}, expected {(h, w)}")
-                out.append((patchify_frame_torch(tensor, self.cfg),
+                out.append((patchify_frame_torch(tensor, self.cfg.patch_size, self.cfg.merge_size),
                             (1, h // self.cfg.patch_size, w // self.cfg.patch_size)))
         return out
 

@@ -121,13 +121,26 @@ def expand_frames(frames: np.ndarray, cfg: ImageProcessingConfig = ImageProcessi
     return out.reshape(n, 3 * t * per)
 
 
+def _rgb_or_grey(data, cfg: ImageProcessingConfig):
+    """Encoded bytes (or a PIL image) -> decoded PIL image in mode RGB or L (what gets resized)."""
+    from PIL import Image
+
+    img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+
+
+def decoded_pixels(data, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> np.ndarray:
+    """Encoded bytes -> decoded uint8 [H, W, C] at the original size, C = 1 (grey) or 3 (RGB): the
+    loader's payload with resize_on_device (the device resizes with data/resize.py, exactly as PIL)."""
+    pixels = np.asarray(_rgb_or_grey(data, cfg))
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
 def load_and_resize(data, cfg: ImageProcessingConfig):
     """Encoded bytes (or a PIL image) -> resized RGB uint8 array [H, W, 3] (PIL bicubic, as HF)."""
     from PIL import Image
 
-    img = data if isinstance(data, Image.Image) else decode_image(data, cfg)
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
+    img = _rgb_or_grey(data, cfg)
     h, w = resized_size(img.height, img.width, cfg)
     if (h, w) != (img.height, img.width):
         # resampling is per channel, so a grey image resized before its expansion to RGB gives the

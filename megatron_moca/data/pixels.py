@@ -1,5 +1,7 @@
-"""Device-side completion of the loader's uint8 image rows (torch; runs where the model runs).
+"""Device-side completion of the loader's uint8 images (torch; runs where the model runs).
 
+images_to_frames: decoded uint8 [H, W, C] images (resize_on_device) -> one-frame rows, with Pillow's
+exact bicubic (data/resize.py) where an image is not yet at its target size.
 frames_to_pixels: uint8 one-frame rows [N, 588] -> processor rows [N, 1176] (CLIP-normalised with the
 same 256-entry tables as the CPU path, so bit-identical to HF's processor in float32).
 mae_inputs: apply MoCa's MAE noise to the masked merge groups and return the clean targets.
@@ -7,11 +9,35 @@ mae_inputs: apply MoCa's MAE noise to the masked merge groups and return the cle
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 
 from megatron_moca.data.image_processing import _TABLE
+
+
+def patchify_frame_torch(image: torch.Tensor, patch_size: int = 14, merge_size: int = 2) -> torch.Tensor:
+    """[H, W, 3] uint8 (any device) -> [N, 3*P*P] one-frame rows in 2x2-merge order (as patchify_frame)."""
+    p, m = patch_size, merge_size
+    h, w, c = image.shape
+    gh, gw = h // p, w // p
+    x = image.reshape(gh // m, m, p, gw // m, m, p, c).permute(0, 3, 1, 4, 6, 2, 5)
+    return x.reshape(gh * gw, c * p * p)
+
+
+def images_to_frames(images: Sequence[torch.Tensor], image_grid_thw: torch.Tensor, patch_size: int = 14,
+                     merge_size: int = 2, device=None) -> torch.Tensor:
+    """Decoded uint8 [H, W, C] images (C = 1 grey or 3 RGB) -> one-frame rows [N, 3*P*P] for the grids
+    given, resized exactly as Pillow's bicubic (grey resized before its expansion to RGB, as on the CPU)."""
+    from megatron_moca.data.resize import resize_bicubic
+
+    rows = []
+    for image, (_, gh, gw) in zip(images, image_grid_thw.tolist()):
+        image = resize_bicubic(image.to(device), gh * patch_size, gw * patch_size)
+        if image.shape[2] == 1:
+            image = image.expand(-1, -1, 3)
+        rows.append(patchify_frame_torch(image, patch_size, merge_size))
+    return torch.cat(rows)
 
 
 def frames_to_pixels(frames: torch.Tensor, temporal_patch_size: int = 2, dtype=torch.float32) -> torch.Tensor:

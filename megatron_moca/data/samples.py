@@ -17,7 +17,8 @@ import torch
 
 from megatron_moca.data.documents import Document, DocumentError
 from megatron_moca.data.dali import grid_of
-from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, image_frames
+from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, decoded_pixels, image_frames,
+                                                  load_and_resize, resized_size)
 from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.objectives.masking import IGNORE_INDEX, mae_group_mask, mlm_mask
 
@@ -37,7 +38,16 @@ class Stage1SampleConfig:
     decode_on_device: bool = False
     """Hand encoded image bytes to the trainer, which decodes them with DALI on the GPU (data/dali.py);
     grids come from the image headers. For shards written by `moca data prepare` / `moca data demo`,
-    whose images were fully decoded once when the shards were written."""
+    whose images were fully decoded once when the shards were written. Within DALI's documented
+    resize tolerance of the HF processor, not bit-identical."""
+    resize_on_device: bool = False
+    """Decode on the CPU, resize + patchify on the device: the loader ships decoded uint8 [H, W, C]
+    images and `PackedBatch.model_inputs` resizes them with Pillow's exact bicubic in torch
+    (data/resize.py), so pixels stay bit-identical to the HF processor while the CPU only decodes.
+    Images with more than `device_resize_max_area` times their target area are resized on the CPU
+    (same bytes) so that huge decoded images never travel to the device."""
+    device_resize_max_area: float = 4.0
+    """With resize_on_device: the largest source/target area ratio resized on the device."""
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Stage1Sample:
     mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group is noised
     mae_noise: np.ndarray  # [1176] float32, the document's one shared noise vector
     encoded_images: List[bytes] = field(default_factory=list)  # with decode_on_device: instead of frames
+    device_images: List[np.ndarray] = field(default_factory=list)  # resize_on_device: uint8 [H, W, C]
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -58,6 +69,8 @@ class Stage1Sample:
 
 class Stage1SampleBuilder:
     def __init__(self, tokenizer, cfg: Stage1SampleConfig = Stage1SampleConfig()):
+        if cfg.decode_on_device and cfg.resize_on_device:
+            raise ValueError("Stage1SampleConfig: decode_on_device and resize_on_device exclude each other")
         self.tok, self.cfg = tokenizer, cfg
         self.merge_unit = cfg.image.merge_size**2
         self._vision_ids = {tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id,
@@ -66,7 +79,7 @@ class Stage1SampleBuilder:
     def build(self, doc: Document, rng: np.random.Generator) -> Stage1Sample:
         """Raise DocumentError (with the reason) for documents that cannot be used."""
         ids: List[int] = []
-        frames, grids, encoded = [], [], []
+        frames, grids, encoded, device_images = [], [], [], []
         budget = self.cfg.max_length
         for seg in doc.segments:
             if len(ids) >= budget:
@@ -81,6 +94,8 @@ class Stage1SampleBuilder:
             try:
                 if self.cfg.decode_on_device:
                     rows, grid = None, grid_of(doc.images[seg], self.cfg.image)
+                elif self.cfg.resize_on_device:
+                    rows, grid = None, self._device_image(doc.images[seg], device_images)
                 else:
                     rows, grid = image_frames(doc.images[seg], self.cfg.image)
             except ImageError as e:
@@ -89,10 +104,10 @@ class Stage1SampleBuilder:
             if len(ids) + n + 2 > budget:
                 break  # the image would be cut: drop it whole, and what follows
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
-            if rows is None:
-                encoded.append(doc.images[seg])
-            else:
+            if rows is not None:
                 frames.append(rows)
+            elif self.cfg.decode_on_device:
+                encoded.append(doc.images[seg])
             grids.append(grid)
         if not ids:
             raise DocumentError("no tokens after tokenisation")
@@ -109,7 +124,19 @@ class Stage1SampleBuilder:
         noise = rng.standard_normal(frame_dim * self.cfg.image.temporal_patch_size).astype(np.float32)
         token_mask = np.zeros(len(ids), dtype=bool)
         token_mask[image_slots] = groups
-        return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise, encoded)
+        del device_images[len(grids):]  # images dropped by truncation
+        return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise, encoded,
+                            device_images)
+
+    def _device_image(self, data: bytes, out: List[np.ndarray]):
+        """Decode for resize_on_device; appends the uint8 [H, W, C] payload to `out`, returns the grid."""
+        cfg = self.cfg.image
+        pixels = decoded_pixels(data, cfg)
+        h, w = resized_size(pixels.shape[0], pixels.shape[1], cfg)
+        if pixels.shape[0] * pixels.shape[1] > self.cfg.device_resize_max_area * h * w:
+            pixels = load_and_resize(data, cfg)  # huge source: PIL on the CPU, the same bytes
+        out.append(pixels)
+        return 1, h // cfg.patch_size, w // cfg.patch_size
 
 
 @dataclass
@@ -127,13 +154,14 @@ class PackedBatch:
     mae_noise: Optional[torch.Tensor]  # [n, 1176]: each image's document noise vector
     image_token_id: int = 151655
     encoded_images: List[bytes] = field(default_factory=list)  # decode_on_device: one per image, in order
+    device_images: List[torch.Tensor] = field(default_factory=list)  # resize_on_device: one per image, in order
 
     def model_inputs(self, device=None, dtype=torch.float32, image_decoder=None):
         """What the model and the MAE loss consume, on `device`: the batch convention of MocaVLM plus
         noised pixel_values and the clean targets of the noised groups (data/pixels.py).
         image_decoder (e.g. data.dali.DaliImageDecoder) decodes `encoded_images` when the loader
         left decoding to the device."""
-        from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
+        from megatron_moca.data.pixels import frames_to_pixels, images_to_frames, mae_inputs
 
         frames = self.pixel_frames
         if self.encoded_images:
@@ -144,6 +172,8 @@ class PackedBatch:
             if not torch.equal(grids, self.image_grid_thw):
                 raise ValueError("decoded image grids differ from the loader's header-based grids")
             frames = torch.cat([f.to(device) for f, _ in decoded])
+        elif self.device_images:
+            frames = images_to_frames(self.device_images, self.image_grid_thw, device=device)
 
         out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
                "document_ids": self.document_ids.to(device), "labels": self.labels.to(device),
@@ -175,7 +205,7 @@ def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple:
     positions = np.concatenate([s.position_ids for s in samples] + [np.zeros((3, pad), dtype=np.int64)], axis=1)
     with_images = [s for s in samples if s.image_grid_thw.shape[0]]
     images = bool(with_images)
-    on_device = any(s.encoded_images for s in with_images)
+    on_device = any(s.encoded_images or s.device_images for s in with_images)
     return PackedBatch(
         keys=[s.key for s in samples],
         input_ids=cat([s.input_ids for s in samples], pad_id, np.int64),
@@ -188,7 +218,9 @@ def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple:
         mae_token_mask=cat([s.mae_token_mask for s in samples], False, bool),
         mae_noise=torch.from_numpy(np.concatenate([np.repeat(s.mae_noise[None], s.image_grid_thw.shape[0], 0)
                                                    for s in with_images])) if images else None,
-        image_token_id=image_token_id, encoded_images=[b for s in samples for b in s.encoded_images])
+        image_token_id=image_token_id, encoded_images=[b for s in samples for b in s.encoded_images],
+        # PIL's arrays are read-only (torch warns); arrays that came through a worker queue are not
+        device_images=[torch.from_numpy(np.require(a, requirements="W")) for s in samples for a in s.device_images])
 
 
 class GreedyPacker:

@@ -5,16 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moca.data.dali import dali_available, grid_of, patchify_frame_torch
-from megatron_moca.data.image_processing import ImageProcessingConfig, image_frames, load_and_resize, patchify_frame
+from megatron_moca.data.dali import dali_available, grid_of
+from megatron_moca.data.image_processing import ImageProcessingConfig, image_frames
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed (extra 'gpu' or 'dev')")
-
-
-def test_torch_patchify_equals_numpy(real_images):
-    cfg = ImageProcessingConfig()
-    pixels = load_and_resize(open(real_images[0], "rb").read(), cfg)
-    assert np.array_equal(patchify_frame_torch(torch.from_numpy(pixels), cfg).numpy(), patchify_frame(pixels, cfg)[0])
 
 
 def test_dali_cpu_pipeline_matches_processor_within_tolerance(real_images):

@@ -1,6 +1,7 @@
 """The stage-1 loader on real documents: exact resume, worker-count independence, data-parallel
 disjointness and coverage, blending weights, bad shards skipped with reasons."""
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -55,7 +56,8 @@ def loader(paths, **kw):
 def rows_equal(a, b):
     return a.keys == b.keys and all(torch.equal(getattr(a, f), getattr(b, f)) for f in
                                     ("input_ids", "labels", "document_ids", "position_ids", "mae_token_mask")) and \
-        ((a.pixel_frames is None and b.pixel_frames is None) or torch.equal(a.pixel_frames, b.pixel_frames))
+        ((a.pixel_frames is None and b.pixel_frames is None) or torch.equal(a.pixel_frames, b.pixel_frames)) and \
+        len(a.device_images) == len(b.device_images) and all(map(torch.equal, a.device_images, b.device_images))
 
 
 def take_samples(it, n):
@@ -82,6 +84,18 @@ def test_workers_do_not_change_the_stream(sources):
     base = list(itertools.islice(iter(loader(sources)), 6))
     with_workers = list(itertools.islice(iter(loader(sources, num_workers=2)), 6))
     assert all(rows_equal(a, b) for a, b in zip(base, with_workers))
+
+
+def test_resize_on_device_through_worker_processes_gives_the_same_model_inputs(sources):
+    device_factory = functools.partial(stage1_builder, None, dataclasses.replace(SMALL, resize_on_device=True))
+    cfg = LoaderConfig(paths=list(sources), seed=5, pack_length=600, pad_to_multiple=16, num_workers=2)
+    on_device = list(itertools.islice(iter(Stage1Loader(cfg, device_factory, pad_id=151643, image_token_id=151655)), 5))
+    base = list(itertools.islice(iter(loader(sources)), 5))
+    assert sum(len(row.device_images) for row in on_device) > 0
+    for a, b in zip(base, on_device):
+        ref, got = a.model_inputs(), b.model_inputs()
+        for key, value in ref.items():
+            assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
 
 
 def test_data_parallel_ranks_are_disjoint_and_cover_an_epoch(sources):
