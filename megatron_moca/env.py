@@ -1,4 +1,4 @@
-"""`moca env`: package versions, accelerator, and the attention backend a run would use.
+"""`moca env`: package versions, accelerator, and the attention backend and image pipeline a run would use.
 
 Versions come from package metadata, so reporting Transformer Engine or DALI never imports them.
 """
@@ -48,4 +48,7 @@ def environment_report() -> Dict[str, str]:
     kernels = available_kernels()
     report["attention_backend(auto)"] = resolve_backend("auto")
     report["attention_kernels"] = ", ".join(k for k, ok in kernels.items() if ok and k != "cuda")
+    from megatron_moca.data.samples import resolve_image_pipeline
+
+    report["image_pipeline(auto)"] = resolve_image_pipeline("auto")
     return report

@@ -9,7 +9,7 @@ settings (min_pixels 256*28*28, max_pixels 1024*28*28). Measured in the same run
            temporal copy happen on the device, data/pixels.py)
   samples  the full stage-1 sample path: documents (text + 2 images each) -> tokens, MLM and MAE masks,
            M-RoPE positions, uint8 frames
-  images / samples with resize_on_device: the CPU only decodes; resize (Pillow's exact bicubic in
+  images / samples with image_pipeline "device_resize": the CPU only decodes; resize (Pillow's exact bicubic in
            torch, data/resize.py) and patchify run on the device with the normalisation. The device
            part is also timed here on this CPU (one thread), for information only.
 --rss additionally runs `moca data prepare` on a 1x and a 10x corpus and prints both peak RSS values.
@@ -92,7 +92,7 @@ def main():
     from megatron_moca.data.samples import Stage1SampleConfig
 
     torch.set_num_threads(1)
-    device_cfg = Stage1SampleConfig(resize_on_device=True)
+    device_cfg = Stage1SampleConfig(image_pipeline="device_resize")
 
     def ours_images_cpu_part_with_device_resize():
         builder_for_images = Stage1SampleBuilder.__new__(Stage1SampleBuilder)
@@ -103,7 +103,7 @@ def main():
         return sink
 
     tok = QwenTokenizer()
-    builder = Stage1SampleBuilder(tok)
+    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(image_pipeline="cpu"))
     text = "The figure below shows the result of the operation described in the previous section. " * 4
     docs = [Document(f"d{i}", [text, 0, text, 1, text], [raw[i], raw[(i + 1) % len(raw)]]) for i in range(len(raw))]
     tokens = sum(len(builder.build(d, np.random.default_rng(0))) for d in docs)
@@ -138,7 +138,7 @@ def main():
         "ours_images_per_s": round(img_rate, 1), "images_ratio_vs_hf": round(img_rate / hf_rate, 2),
         "ours_samples_per_s": round(sample_rate, 1), "ours_tokens_per_s": round(sample_rate * tokens / len(docs)),
         "sample_images_per_s_ratio_vs_hf": round(2 * sample_rate / hf_rate, 2),
-        "resize_on_device": {
+        "image_pipeline_device_resize": {
             "cpu_images_per_s": round(split_img_rate, 1), "images_ratio_vs_hf": round(split_img_rate / hf_rate, 2),
             "cpu_samples_per_s": round(split_sample_rate, 1),
             "cpu_tokens_per_s": round(split_sample_rate * tokens / len(docs)),

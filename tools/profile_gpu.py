@@ -5,7 +5,7 @@
 1. torch SDPA at the LLM's attention shapes: megatron's [s, b, h, d] layout permuted vs contiguous,
    GQA via enable_gqa vs repeated K/V, causal vs bidirectional; fwd+bwd ms and the kernels used.
 2. which shapes the compiled flex_attention kernel accepts (small ones failed on torch 2.11), and
-   the throughput of resize_on_device's exact bicubic on the GPU.
+   the throughput of the device_resize pipeline's exact bicubic on the GPU.
 3. torch.profiler of the vision tower alone (4 images of 448x448), and of one text-only step
    (bidirectional, eager) of our model and of HF's: the top
    kernels by GPU time, GPU-busy time vs wall time (a large gap means the step is launch-bound).
@@ -104,7 +104,7 @@ def flex_cases():
 
 
 def resize_cases():
-    """resize_on_device: exact Pillow bicubic + patchify on the GPU for 8 images of common sizes."""
+    """image_pipeline "device_resize": exact Pillow bicubic + patchify on the GPU for 8 images of common sizes."""
     from megatron_moca.data.image_processing import ImageProcessingConfig, resized_size
     from megatron_moca.data.pixels import images_to_frames
 

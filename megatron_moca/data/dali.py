@@ -1,7 +1,7 @@
 """Image decoding with NVIDIA DALI: nvJPEG / hardware JPEG decode on the GPU ("mixed"), CPU otherwise.
 
 The loader can hand encoded image bytes to the training process instead of pixels
-(Stage1SampleConfig.decode_on_device); `DaliImageDecoder` then decodes and resizes a whole batch
+(Stage1SampleConfig.image_pipeline="dali"); `DaliImageDecoder` then decodes and resizes a whole batch
 of images in one DALI pipeline run and returns the same uint8 one-frame rows as the CPU path
 (`image_processing.image_frames`), on the device, ready for `pixels.frames_to_pixels`.
 Target sizes come from the images' headers (smart_resize, computed before decoding), so the number

@@ -131,7 +131,7 @@ def _rgb_or_grey(data, cfg: ImageProcessingConfig):
 
 def decoded_pixels(data, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> np.ndarray:
     """Encoded bytes -> decoded uint8 [H, W, C] at the original size, C = 1 (grey) or 3 (RGB): the
-    loader's payload with resize_on_device (the device resizes with data/resize.py, exactly as PIL)."""
+    loader's payload with image_pipeline 'device_resize' (the device resizes with data/resize.py, exactly as PIL)."""
     pixels = np.asarray(_rgb_or_grey(data, cfg))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 

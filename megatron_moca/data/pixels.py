@@ -1,6 +1,6 @@
 """Device-side completion of the loader's uint8 images (torch; runs where the model runs).
 
-images_to_frames: decoded uint8 [H, W, C] images (resize_on_device) -> one-frame rows, with Pillow's
+images_to_frames: decoded uint8 [H, W, C] images (image_pipeline "device_resize") -> one-frame rows, with Pillow's
 exact bicubic (data/resize.py) where an image is not yet at its target size.
 frames_to_pixels: uint8 one-frame rows [N, 588] -> processor rows [N, 1176] (CLIP-normalised with the
 same 256-entry tables as the CPU path, so bit-identical to HF's processor in float32).

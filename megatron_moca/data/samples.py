@@ -35,19 +35,20 @@ class Stage1SampleConfig:
     """Probability of noising each 2x2 merge group (one LLM image token)."""
     image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
     """Image resizing limits (256..1024 visual tokens per image)."""
-    decode_on_device: bool = False
-    """Hand encoded image bytes to the trainer, which decodes them with DALI on the GPU (data/dali.py);
-    grids come from the image headers. For shards written by `moca data prepare` / `moca data demo`,
-    whose images were fully decoded once when the shards were written. Within DALI's documented
-    resize tolerance of the HF processor, not bit-identical."""
-    resize_on_device: bool = False
-    """Decode on the CPU, resize + patchify on the device: the loader ships decoded uint8 [H, W, C]
-    images and `PackedBatch.model_inputs` resizes them with Pillow's exact bicubic in torch
-    (data/resize.py), so pixels stay bit-identical to the HF processor while the CPU only decodes.
-    Images with more than `device_resize_max_area` times their target area are resized on the CPU
-    (same bytes) so that huge decoded images never travel to the device."""
+    image_pipeline: str = "auto"
+    """Where images become pixels (see IMAGE_PIPELINES / resolve_image_pipeline):
+    cpu            the loader decodes, resizes (PIL) and patchifies; bit-identical to the HF processor.
+    device_resize  the loader only decodes; `PackedBatch.model_inputs` resizes on the device with
+                   Pillow's bicubic reproduced exactly in torch (data/resize.py): still bit-identical,
+                   ~4.5x less CPU per image. Images above `device_resize_max_area` times their target
+                   area are resized on the CPU (same bytes), so huge decoded images never travel.
+    dali           the loader hands encoded bytes on; the trainer decodes + resizes them with DALI
+                   (nvJPEG on the GPU, data/dali.py) within DALI's documented resize tolerance; grids
+                   come from the image headers. For shards written by `moca data prepare` / `demo`,
+                   whose images were fully decoded once when the shards were written.
+    auto           dali with CUDA and DALI, device_resize with CUDA only, cpu otherwise."""
     device_resize_max_area: float = 4.0
-    """With resize_on_device: the largest source/target area ratio resized on the device."""
+    """device_resize: the largest source/target area ratio resized on the device."""
 
 
 @dataclass
@@ -60,18 +61,35 @@ class Stage1Sample:
     image_grid_thw: np.ndarray  # [n_images, 3]
     mae_token_mask: np.ndarray  # [L] bool, image tokens whose merge group is noised
     mae_noise: np.ndarray  # [1176] float32, the document's one shared noise vector
-    encoded_images: List[bytes] = field(default_factory=list)  # with decode_on_device: instead of frames
-    device_images: List[np.ndarray] = field(default_factory=list)  # resize_on_device: uint8 [H, W, C]
+    encoded_images: List[bytes] = field(default_factory=list)  # image_pipeline dali: instead of frames
+    device_images: List[np.ndarray] = field(default_factory=list)  # device_resize: uint8 [H, W, C]
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
 
+IMAGE_PIPELINES = ("auto", "cpu", "device_resize", "dali")
+
+
+def resolve_image_pipeline(requested: str) -> str:
+    """The concrete image pipeline for `requested` on this machine (auto: dali > device_resize > cpu)."""
+    from megatron_moca.data.dali import dali_available
+
+    if requested not in IMAGE_PIPELINES:
+        raise ValueError(f"image_pipeline={requested!r}: expected one of {IMAGE_PIPELINES}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "dali" if dali_available() else "device_resize"
+        return "cpu"
+    if requested == "dali" and not dali_available():
+        raise ValueError("image_pipeline='dali' needs nvidia-dali (extra 'gpu'); use 'device_resize' or 'cpu'")
+    return requested
+
+
 class Stage1SampleBuilder:
     def __init__(self, tokenizer, cfg: Stage1SampleConfig = Stage1SampleConfig()):
-        if cfg.decode_on_device and cfg.resize_on_device:
-            raise ValueError("Stage1SampleConfig: decode_on_device and resize_on_device exclude each other")
         self.tok, self.cfg = tokenizer, cfg
+        self.pipeline = resolve_image_pipeline(cfg.image_pipeline)
         self.merge_unit = cfg.image.merge_size**2
         self._vision_ids = {tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id,
                             tokenizer.special.get("<|video_pad|>", -1), tokenizer.special.get("<|vision_pad|>", -1)}
@@ -92,9 +110,9 @@ class Stage1SampleBuilder:
                 ids += text_ids[:budget - len(ids)]
                 continue
             try:
-                if self.cfg.decode_on_device:
+                if self.pipeline == "dali":
                     rows, grid = None, grid_of(doc.images[seg], self.cfg.image)
-                elif self.cfg.resize_on_device:
+                elif self.pipeline == "device_resize":
                     rows, grid = None, self._device_image(doc.images[seg], device_images)
                 else:
                     rows, grid = image_frames(doc.images[seg], self.cfg.image)
@@ -106,7 +124,7 @@ class Stage1SampleBuilder:
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
             if rows is not None:
                 frames.append(rows)
-            elif self.cfg.decode_on_device:
+            elif self.pipeline == "dali":
                 encoded.append(doc.images[seg])
             grids.append(grid)
         if not ids:
@@ -129,7 +147,7 @@ class Stage1SampleBuilder:
                             device_images)
 
     def _device_image(self, data: bytes, out: List[np.ndarray]):
-        """Decode for resize_on_device; appends the uint8 [H, W, C] payload to `out`, returns the grid."""
+        """Decode for device_resize; appends the uint8 [H, W, C] payload to `out`, returns the grid."""
         cfg = self.cfg.image
         pixels = decoded_pixels(data, cfg)
         h, w = resized_size(pixels.shape[0], pixels.shape[1], cfg)
@@ -153,8 +171,8 @@ class PackedBatch:
     mae_token_mask: torch.Tensor  # [1, T]
     mae_noise: Optional[torch.Tensor]  # [n, 1176]: each image's document noise vector
     image_token_id: int = 151655
-    encoded_images: List[bytes] = field(default_factory=list)  # decode_on_device: one per image, in order
-    device_images: List[torch.Tensor] = field(default_factory=list)  # resize_on_device: one per image, in order
+    encoded_images: List[bytes] = field(default_factory=list)  # dali: one per image, in order
+    device_images: List[torch.Tensor] = field(default_factory=list)  # device_resize: one per image, in order
 
     def model_inputs(self, device=None, dtype=torch.float32, image_decoder=None):
         """What the model and the MAE loss consume, on `device`: the batch convention of MocaVLM plus
@@ -166,7 +184,7 @@ class PackedBatch:
         frames = self.pixel_frames
         if self.encoded_images:
             if image_decoder is None:
-                raise ValueError("this batch carries encoded images (decode_on_device): pass image_decoder")
+                raise ValueError("this batch carries encoded images (image_pipeline 'dali'): pass image_decoder")
             decoded = image_decoder(self.encoded_images)
             grids = torch.tensor([g for _, g in decoded])
             if not torch.equal(grids, self.image_grid_thw):

@@ -19,7 +19,7 @@ def test_packed_real_documents_through_the_model(megatron_runtime):
 
     images = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")))[:3]
     tok = QwenTokenizer()
-    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(max_length=900))
+    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(max_length=900, image_pipeline="cpu"))
     docs = [from_record({"text": f"Figure {i}: {PLACEHOLDER} shows a test image. " * 1, "images": [images[i]]},
                         f"doc{i}") for i in range(2)] + [from_record({"text": "plain text " * 30}, "doc2")]
     packer = GreedyPacker(length=2048, pad_id=tok.pad_id, pad_to_multiple=16)

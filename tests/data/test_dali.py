@@ -31,14 +31,14 @@ def test_dali_cpu_pipeline_matches_processor_within_tolerance(real_images):
     assert max(means) <= 0.5 and max(far) <= 0.005 and worst <= 24, (max(means), max(far), worst)
 
 
-def test_decode_on_device_samples_match_the_cpu_path(real_images, tokenizer):
+def test_dali_pipeline_samples_match_the_cpu_path(real_images, tokenizer):
     from megatron_moca.data.dali import DaliImageDecoder
     from megatron_moca.data.documents import PLACEHOLDER, from_record
     from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig, pack
 
     doc = from_record({"text": f"one {PLACEHOLDER} two {PLACEHOLDER} end", "images": real_images[:2]}, "k")
-    cpu = Stage1SampleBuilder(tokenizer).build(doc, np.random.default_rng(0))
-    dev = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(decode_on_device=True)).build(doc, np.random.default_rng(0))
+    cpu = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="cpu")).build(doc, np.random.default_rng(0))
+    dev = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="dali")).build(doc, np.random.default_rng(0))
     assert np.array_equal(cpu.input_ids, dev.input_ids) and np.array_equal(cpu.image_grid_thw, dev.image_grid_thw)
     assert dev.pixel_frames.shape[0] == 0 and len(dev.encoded_images) == 2
     batch = pack([dev], len(dev), tokenizer.pad_id)

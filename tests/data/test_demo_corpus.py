@@ -11,7 +11,7 @@ import pytest
 
 from megatron_moca.data import demo_corpus
 from megatron_moca.data.loader import LoaderConfig, Stage1Loader, stage1_builder
-from megatron_moca.data.samples import Stage1SampleBuilder
+from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig
 from megatron_moca.data.shards import read_shard
 from megatron_moca.errors import UserError
 from megatron_moca.objectives.masking import IGNORE_INDEX
@@ -47,7 +47,7 @@ def test_demo_corpus_has_all_three_sources(demo):
 @needs_apt
 def test_masking_statistics_on_demo_documents(demo, tokenizer):
     out, manifest = demo
-    builder = Stage1SampleBuilder(tokenizer)
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="cpu"))
     docs = [d for s in manifest["shards"] for d in read_shard(os.path.join(out, s["name"]))][:20]
     masked = maskable = groups = noised = 0
     for i, d in enumerate(docs):

@@ -1,4 +1,4 @@
-"""resize_on_device: Pillow's bicubic in torch equals the installed Pillow bit for bit, and samples built
+"""image_pipeline "device_resize": Pillow's bicubic in torch equals the installed Pillow bit for bit, and samples built
 with it give the same pixels as the CPU path (itself bit-identical to the HF processor)."""
 
 import numpy as np
@@ -73,7 +73,8 @@ def test_samples_resized_on_device_equal_the_cpu_path(real_images, tokenizer, ma
     docs = [from_record({"text": text, "images": real_images[i:i + 3]}, f"k{i}") for i in range(0, 9, 3)]
     rows = {}
     for on_device in (False, True):
-        cfg = Stage1SampleConfig(max_length=4000, resize_on_device=on_device, device_resize_max_area=max_area)
+        cfg = Stage1SampleConfig(max_length=4000, image_pipeline="device_resize" if on_device else "cpu",
+                                 device_resize_max_area=max_area)
         builder = Stage1SampleBuilder(tokenizer, cfg)
         packer = GreedyPacker(8000, tokenizer.pad_id)
         for i, doc in enumerate(docs):
@@ -86,8 +87,10 @@ def test_samples_resized_on_device_equal_the_cpu_path(real_images, tokenizer, ma
         assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
 
 
-def test_device_options_exclude_each_other(tokenizer):
-    from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig
+def test_image_pipeline_names_and_auto(tokenizer):
+    from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig, resolve_image_pipeline
 
-    with pytest.raises(ValueError, match="exclude each other"):
-        Stage1SampleBuilder(tokenizer, Stage1SampleConfig(decode_on_device=True, resize_on_device=True))
+    with pytest.raises(ValueError, match="expected one of"):
+        Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="gpu"))
+    expected = "cpu" if not torch.cuda.is_available() else resolve_image_pipeline("auto")
+    assert Stage1SampleBuilder(tokenizer).pipeline == expected

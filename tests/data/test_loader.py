@@ -16,7 +16,7 @@ from megatron_moca.data.loader import LoaderConfig, Plan, Stage1Loader, stage1_b
 from megatron_moca.data.samples import Stage1SampleConfig
 from megatron_moca.data.shards import MANIFEST, ShardWriter
 
-SMALL = Stage1SampleConfig(max_length=400, image=ImageProcessingConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16))
+SMALL = Stage1SampleConfig(max_length=400, image_pipeline="cpu", image=ImageProcessingConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16))
 FACTORY = functools.partial(stage1_builder, None, SMALL)
 
 
@@ -86,8 +86,8 @@ def test_workers_do_not_change_the_stream(sources):
     assert all(rows_equal(a, b) for a, b in zip(base, with_workers))
 
 
-def test_resize_on_device_through_worker_processes_gives_the_same_model_inputs(sources):
-    device_factory = functools.partial(stage1_builder, None, dataclasses.replace(SMALL, resize_on_device=True))
+def test_device_resize_through_worker_processes_gives_the_same_model_inputs(sources):
+    device_factory = functools.partial(stage1_builder, None, dataclasses.replace(SMALL, image_pipeline="device_resize"))
     cfg = LoaderConfig(paths=list(sources), seed=5, pack_length=600, pad_to_multiple=16, num_workers=2)
     on_device = list(itertools.islice(iter(Stage1Loader(cfg, device_factory, pad_id=151643, image_token_id=151655)), 5))
     base = list(itertools.islice(iter(loader(sources)), 5))

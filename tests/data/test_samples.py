@@ -19,7 +19,7 @@ def doc(real_images, n_images=2, text=LONG_TEXT, key="d"):
 
 
 def test_mlm_rate_and_specials(real_images, tokenizer):
-    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192))
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192, image_pipeline="cpu"))
     masked = maskable = 0
     for seed in range(8):
         s = builder.build(doc(real_images, 3), np.random.default_rng(seed))
@@ -37,7 +37,7 @@ def test_mlm_rate_and_specials(real_images, tokenizer):
 
 
 def test_mae_targets_are_the_clean_pixels_of_masked_groups(real_images, tokenizer):
-    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192))
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192, image_pipeline="cpu"))
     d = doc(real_images, 2)
     s = builder.build(d, np.random.default_rng(1))
     clean = np.concatenate([process_image(d.images[i])[0] for i in range(2)])  # HF-identical float rows
@@ -67,11 +67,11 @@ def test_device_pixels_equal_the_processor(real_images):
 
 
 def test_truncation_drops_a_cut_image_whole(real_images, tokenizer):
-    full = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=100000)).build(doc(real_images, 2),
+    full = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=100000, image_pipeline="cpu")).build(doc(real_images, 2),
                                                                                        np.random.default_rng(0))
     image_pad = tokenizer.image_pad_id
     first_image_end = int(np.nonzero(full.input_ids == tokenizer.vision_end_id)[0][0]) + 1
-    cut = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=first_image_end + 50))
+    cut = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=first_image_end + 50, image_pipeline="cpu"))
     s = cut.build(doc(real_images, 2), np.random.default_rng(0))
     assert len(s) <= first_image_end + 50
     assert s.image_grid_thw.shape[0] == 1  # the second image did not fit and was dropped whole
@@ -80,14 +80,14 @@ def test_truncation_drops_a_cut_image_whole(real_images, tokenizer):
 
 
 def test_positions_are_the_rope_index_of_the_document(real_images, tokenizer):
-    s = Stage1SampleBuilder(tokenizer).build(doc(real_images, 2), np.random.default_rng(0))
+    s = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="cpu")).build(doc(real_images, 2), np.random.default_rng(0))
     original = np.where(s.labels != IGNORE_INDEX, s.labels, s.input_ids)
     ref, _ = get_rope_index(torch.from_numpy(original)[None], torch.from_numpy(s.image_grid_thw))
     assert np.array_equal(s.position_ids, ref[:, 0].numpy())
 
 
 def test_packing_keeps_boundaries_and_alignment(real_images, tokenizer):
-    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=700))
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=700, image_pipeline="cpu"))
     samples = [builder.build(doc(real_images[i:], 1, text="short text " * (5 + i), key=f"k{i}"),
                              np.random.default_rng(i)) for i in range(5)]
     packer = GreedyPacker(length=1500, pad_id=tokenizer.pad_id, pad_to_multiple=16)
@@ -125,7 +125,7 @@ def test_mlm_mask_is_deterministic_given_the_generator():
 def test_stray_vision_tokens_in_text_are_refused(real_images, tokenizer):
     d = from_record({"text": "text with a stray <|image_pad|> token"}, "k")
     with pytest.raises(DocumentError, match="vision special tokens"):
-        Stage1SampleBuilder(tokenizer).build(d, np.random.default_rng(0))
+        Stage1SampleBuilder(tokenizer, Stage1SampleConfig(image_pipeline="cpu")).build(d, np.random.default_rng(0))
 
 
 def test_bad_documents_are_refused_with_reasons(real_images):
