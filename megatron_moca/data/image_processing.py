@@ -121,7 +121,7 @@ def expand_frames(frames: np.ndarray, cfg: ImageProcessingConfig = ImageProcessi
     return out.reshape(n, 3 * t * per)
 
 
-def _rgb_or_grey(data, cfg: ImageProcessingConfig):
+def decode_rgb_or_grey(data, cfg: ImageProcessingConfig = ImageProcessingConfig()):
     """Encoded bytes (or a PIL image) -> decoded PIL image in mode RGB or L (what gets resized)."""
     from PIL import Image
 
@@ -130,9 +130,9 @@ def _rgb_or_grey(data, cfg: ImageProcessingConfig):
 
 
 def decoded_pixels(data, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> np.ndarray:
-    """Encoded bytes -> decoded uint8 [H, W, C] at the original size, C = 1 (grey) or 3 (RGB): the
+    """Encoded bytes (or a PIL image) -> uint8 [H, W, C] at the original size, C = 1 (grey) or 3 (RGB): the
     loader's payload with image_pipeline 'device_resize' (the device resizes with data/resize.py, exactly as PIL)."""
-    pixels = np.asarray(_rgb_or_grey(data, cfg))
+    pixels = np.asarray(decode_rgb_or_grey(data, cfg))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
@@ -140,7 +140,7 @@ def load_and_resize(data, cfg: ImageProcessingConfig):
     """Encoded bytes (or a PIL image) -> resized RGB uint8 array [H, W, 3] (PIL bicubic, as HF)."""
     from PIL import Image
 
-    img = _rgb_or_grey(data, cfg)
+    img = decode_rgb_or_grey(data, cfg)
     h, w = resized_size(img.height, img.width, cfg)
     if (h, w) != (img.height, img.width):
         # resampling is per channel, so a grey image resized before its expansion to RGB gives the

@@ -17,8 +17,8 @@ import torch
 
 from megatron_moca.data.documents import Document, DocumentError
 from megatron_moca.data.dali import grid_of
-from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, decoded_pixels, image_frames,
-                                                  load_and_resize, resized_size)
+from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, decode_rgb_or_grey,
+                                                  decoded_pixels, image_frames, load_and_resize, resized_size)
 from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.objectives.masking import IGNORE_INDEX, mae_group_mask, mlm_mask
 
@@ -149,11 +149,12 @@ class Stage1SampleBuilder:
     def _device_image(self, data: bytes, out: List[np.ndarray]):
         """Decode for device_resize; appends the uint8 [H, W, C] payload to `out`, returns the grid."""
         cfg = self.cfg.image
-        pixels = decoded_pixels(data, cfg)
-        h, w = resized_size(pixels.shape[0], pixels.shape[1], cfg)
-        if pixels.shape[0] * pixels.shape[1] > self.cfg.device_resize_max_area * h * w:
-            pixels = load_and_resize(data, cfg)  # huge source: PIL on the CPU, the same bytes
-        out.append(pixels)
+        image = decode_rgb_or_grey(data, cfg)
+        h, w = resized_size(image.height, image.width, cfg)
+        if image.height * image.width > self.cfg.device_resize_max_area * h * w:
+            out.append(load_and_resize(image, cfg))  # huge source: PIL on the CPU, the same bytes
+        else:
+            out.append(decoded_pixels(image, cfg))
         return 1, h // cfg.patch_size, w // cfg.patch_size
 
 
