@@ -49,11 +49,12 @@ class VisionAttention(MegatronModule):
     def rotated_qkv(self, x, cos, sin):
         """x [N, d] -> q, k, v [N, heads, head_dim] with the 2-D rotary applied to q and k."""
         qkv, _ = self.qkv(x)
-        q, k, v = qkv.view(x.shape[0], self.heads_local, 3, self.head_dim).unbind(2)
-        dtype = q.dtype
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        return q, k, v
+        qkv = qkv.view(x.shape[0], self.heads_local, 3, self.head_dim)
+        # q and k rotated together (HF's per-tensor float math, half the kernel launches)
+        qk = qkv[:, :, :2].float()
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q, k = (qk * cos + rotate_half(qk) * sin).to(qkv.dtype).unbind(2)
+        return q, k, qkv[:, :, 2]
 
 
 class VisionBlock(MegatronModule):
