@@ -87,6 +87,20 @@ def test_samples_resized_on_device_equal_the_cpu_path(real_images, tokenizer, ma
         assert (value is None and got[key] is None) or torch.equal(value, got[key]), key
 
 
+@pytest.mark.parametrize("cuda,dali,expected", [(False, True, "cpu"), (True, False, "device_resize"),
+                                                (True, True, "dali")])
+def test_auto_image_pipeline_follows_the_machine(monkeypatch, cuda, dali, expected):
+    from megatron_moca.data import dali as dali_module
+    from megatron_moca.data.samples import resolve_image_pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(dali_module, "dali_available", lambda: dali)
+    assert resolve_image_pipeline("auto") == expected
+    if not dali:
+        with pytest.raises(ValueError, match="needs nvidia-dali"):
+            resolve_image_pipeline("dali")
+
+
 def test_image_pipeline_names_and_auto(tokenizer):
     from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig, resolve_image_pipeline
 
