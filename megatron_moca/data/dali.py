@@ -17,13 +17,12 @@ nvidia-dali is optional (extra `gpu`); importing this module does not import it.
 
 from __future__ import annotations
 
-import io
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, resized_size
+from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, open_image, resized_size
 from megatron_moca.data.pixels import patchify_frame_torch
 
 
@@ -38,16 +37,8 @@ def dali_available() -> bool:
 
 def target_size(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int]:
     """(height, width) after smart_resize, from the image header alone; ImageError for bad images."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except Exception as e:  # PIL raises many types for bad headers
-        raise ImageError(f"undecodable image ({type(e).__name__})") from None
-    if w * h > cfg.max_decode_pixels:
-        raise ImageError(f"{w}x{h} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
-    return resized_size(h, w, cfg)
+    with open_image(data, cfg) as img:
+        return resized_size(img.height, img.width, cfg)
 
 
 def grid_of(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int, int]:

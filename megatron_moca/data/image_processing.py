@@ -27,6 +27,10 @@ class ImageError(ValueError):
     """An image that cannot be used (corrupt, truncated, too large, absurd aspect ratio)."""
 
 
+class ImageTooLarge(ImageError):
+    """The header claims more pixels than the decode limit (a decompression bomb?)."""
+
+
 @dataclass(frozen=True)
 class ImageProcessingConfig:
     """Qwen2.5-VL processor settings (MoCa: 256..1024 visual tokens per image)."""
@@ -80,20 +84,32 @@ def _normalisation_table() -> np.ndarray:
 _TABLE = _normalisation_table()
 
 
-def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
-    """Bytes -> decoded PIL image (its own mode); ImageError for corrupt, truncated or oversized images."""
+def open_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """Bytes -> PIL image with only its header read; ImageError for unreadable headers, ImageTooLarge
+    for more pixels than cfg.max_decode_pixels (checked before any decoding)."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > cfg.max_decode_pixels:
-            raise ImageError(f"{img.width}x{img.height} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
+    except Image.DecompressionBombError:
+        raise ImageTooLarge("the header exceeds PIL's decompression-bomb limit") from None
+    except Exception as e:  # PIL raises many types for bad headers
+        raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+    if img.width * img.height > cfg.max_decode_pixels:
+        raise ImageTooLarge(f"{img.width}x{img.height} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
+    return img
+
+
+def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """Bytes -> decoded PIL image (its own mode); ImageError for corrupt, truncated or oversized images."""
+    from PIL import Image
+
+    img = open_image(data, cfg)
+    try:
         img.load()
-        return img
-    except ImageError:
-        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+    return img
 
 
 def patchify_frame(pixels: np.ndarray, cfg: ImageProcessingConfig) -> Tuple[np.ndarray, Tuple[int, int, int]]:

@@ -17,7 +17,8 @@ import time
 from typing import Iterator, List, Optional, Tuple
 
 from megatron_moca.data.documents import Document, DocumentError, from_record
-from megatron_moca.data.image_processing import ImageProcessingConfig, image_tokens
+from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, ImageTooLarge, image_tokens,
+                                                  open_image)
 from megatron_moca.data.shards import FORMAT, MANIFEST, SKIPPED, ShardWriter, safe_key
 from megatron_moca.errors import UserError
 
@@ -80,20 +81,18 @@ def _init_worker(tokenizer_dir: Optional[str]) -> None:
 
 def _checked_image_tokens(data: bytes) -> int:
     """Decode at reduced size (catches corrupt/truncated files) and count the image's LLM tokens."""
-    import io
-
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, _IMAGE_CFG)
         w, h = img.size
-        if w * h > _IMAGE_CFG.max_decode_pixels:
-            raise DocumentError(BOMB)
         if img.format == "JPEG":
             img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
         img.load()
-    except DocumentError:
-        raise
+    except ImageTooLarge:
+        raise DocumentError(BOMB) from None
+    except ImageError as e:
+        raise DocumentError(str(e)) from None
     except Image.DecompressionBombError:
         raise DocumentError(BOMB) from None
     except Exception as e:  # PIL raises many types for bad files
