@@ -13,6 +13,7 @@ Tested against the installed Pillow on real and random images (tests/data/test_r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Tuple
 
@@ -40,9 +41,11 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+@functools.lru_cache(maxsize=256)
 def coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pillow's bicubic filter along one axis: (first source index [out], taps used [out],
-    int32 fixed-point weights [out, ksize])."""
+    int32 fixed-point weights [out, ksize]). Cached (a resize needs the vertical ones twice, and sizes
+    recur across images): callers must not modify the arrays."""
     scale = float(in_size) / out_size
     filterscale = max(scale, 1.0)
     support = _SUPPORT * filterscale
