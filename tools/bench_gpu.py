@@ -25,21 +25,24 @@ DEVICE = "cuda"
 REPEAT = 6
 
 
-def timed(fn):
-    import time as _time
-
-    for _ in range(2 if REPEAT > 1 else 1):
+def median_seconds(fn, warm=2, repeat=6, device="cuda"):
+    """Median wall time of fn() over `repeat` calls after `warm` warm-ups, the device synchronised."""
+    for _ in range(warm):
         fn()
     times = []
-    for _ in range(REPEAT):
-        if DEVICE == "cuda":
+    for _ in range(repeat):
+        if device == "cuda":
             torch.cuda.synchronize()
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         fn()
-        if DEVICE == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
-        times.append(_time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def timed(fn):
+    return median_seconds(fn, warm=2 if REPEAT > 1 else 1, repeat=REPEAT, device=DEVICE)
 
 
 def peak_gib():

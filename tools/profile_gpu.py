@@ -19,19 +19,11 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from bench_gpu import make_inputs, median_seconds  # tools/ is the script's folder
 
 
 def timed_ms(fn, warm=2, rep=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * median_seconds(fn, warm=warm, repeat=rep)
 
 
 def kernels_of(fn, top=6):
@@ -174,12 +166,10 @@ def main():
     from megatron_moca.distributed import runtime
     from megatron_moca.models.vlm import MocaVLM
 
-    import bench_gpu
-
     runtime.initialize(1, 1, seed=0)
     cfg = preset(args.preset)
     cfg.params_dtype, cfg.attention = "bfloat16", "bidirectional"
-    text_ids, _, pixels, grid = bench_gpu.make_inputs(cfg, seq=args.seq)
+    text_ids, _, pixels, grid = make_inputs(cfg, seq=args.seq)
     if "vision" in parts:
         from megatron_moca.models.vision_layout import vision_layout
 
