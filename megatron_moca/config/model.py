@@ -28,7 +28,12 @@ class VisionConfig:
     num_heads: int = 16
     """Attention heads (MHA: as many K/V heads as query heads)."""
     intermediate_size: int = 3420
-    """SwiGLU FFN width."""
+    """SwiGLU FFN width (the checkpoint's, as in HF's config)."""
+    intermediate_pad_multiple: int = 128
+    """Inside the model the SwiGLU width is zero-padded up to a multiple of this (3420 -> 3456): GEMMs over
+    3420 columns are not 16-byte aligned in bf16 and fall back to slow kernels, and 3420 does not divide
+    by TP=8. The padded channels are zero, get exactly zero gradients (silu(0) * 0) and so stay zero;
+    conversion adds and strips them. 1 = no padding."""
     patch_size: int = 14
     """Spatial patch size in pixels."""
     temporal_patch_size: int = 2
@@ -49,6 +54,12 @@ class VisionConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def padded_intermediate_size(self) -> int:
+        """The SwiGLU width the model's linears have (see intermediate_pad_multiple)."""
+        m = self.intermediate_pad_multiple
+        return -(-self.intermediate_size // m) * m
 
     @property
     def patch_dim(self) -> int:
@@ -157,7 +168,11 @@ class ModelConfig:
             raise UserError(
                 f"tensor_model_parallel_size={tp} must divide the {lang.num_query_groups} KV heads "
                 f"(num_query_groups); use a TP size in {[d for d in range(1, lang.num_query_groups + 1) if lang.num_query_groups % d == 0]}")
-        for name, val in (("vision.num_heads", vis.num_heads), ("vision.intermediate_size", vis.intermediate_size),
+        if vis.intermediate_pad_multiple < 1:
+            raise UserError(f"model.vision.intermediate_pad_multiple={vis.intermediate_pad_multiple}: must be >= 1")
+        for name, val in (("vision.num_heads", vis.num_heads),
+                          ("vision.intermediate_size after padding to vision.intermediate_pad_multiple",
+                           vis.padded_intermediate_size),
                           ("language.ffn_hidden_size", lang.ffn_hidden_size), ("language.vocab_size", lang.vocab_size),
                           ("vision merger width", vis.hidden_size * vis.merge_unit)):
             if val % tp:

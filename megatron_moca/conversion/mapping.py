@@ -7,6 +7,8 @@ Transforms (each with an exact inverse):
   llm_qkv    q/k/v projections (and biases) -> one fused tensor laid out per KV group [q(heads/group), k, v]
   vit_qkv    ViT fused qkv [q_all; k_all; v_all] -> per head [q, k, v] (so TP shards hold whole heads)
   gated      gate_proj, up_proj -> fc1 = [gate; up]
+  vit_gated  as gated, each half zero-padded to VisionConfig.padded_intermediate_size
+  vit_fc2    ViT down_proj weight, input columns zero-padded likewise (to_hf refuses non-zero padding)
   patch      Conv3d weight [D, C, T, P, P] -> Linear weight [D, C*T*P*P] (same patch-row order)
   copy       as is
 Tied embeddings (3B): no lm_head on disk; the output layer reads the embedding. The <|mask|> row
@@ -23,6 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from megatron_moca.config.model import ModelConfig
+from megatron_moca.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,10 @@ def build_rules(cfg: ModelConfig) -> List[Rule]:
         rules += [Rule(m + "norm1.weight", (h + "norm1.weight",)), Rule(m + "norm2.weight", (h + "norm2.weight",))]
         rules += [Rule(m + f"attn.qkv.{p}", (h + f"attn.qkv.{p}",), "vit_qkv") for p in ("weight", "bias")]
         rules += [Rule(m + f"attn.proj.{p}", (h + f"attn.proj.{p}",)) for p in ("weight", "bias")]
-        rules += [Rule(m + f"mlp.linear_fc1.{p}", (h + f"mlp.gate_proj.{p}", h + f"mlp.up_proj.{p}"), "gated")
+        rules += [Rule(m + f"mlp.linear_fc1.{p}", (h + f"mlp.gate_proj.{p}", h + f"mlp.up_proj.{p}"), "vit_gated")
                   for p in ("weight", "bias")]
-        rules += [Rule(m + f"mlp.linear_fc2.{p}", (h + f"mlp.down_proj.{p}",)) for p in ("weight", "bias")]
+        rules += [Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "vit_fc2"),
+                  Rule(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",))]
     rules.append(Rule("vision.merger.ln_q.weight", ("visual.merger.ln_q.weight",)))
     for src, dst in (("0", "fc1"), ("2", "fc2")):
         rules += [Rule(f"vision.merger.{dst}.{p}", (f"visual.merger.mlp.{src}.{p}",)) for p in ("weight", "bias")]
@@ -76,12 +80,37 @@ def normalize_hf_key(key: str) -> str:
     return key
 
 
+def _pad_rows(t: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """Zero-pad the ViT SwiGLU width along `dim` from intermediate_size to padded_intermediate_size."""
+    pad = cfg.vision.padded_intermediate_size - t.shape[dim]
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _strip_rows(t: torch.Tensor, dim: int, cfg: ModelConfig, name: str) -> torch.Tensor:
+    real = cfg.vision.intermediate_size
+    padding = t.narrow(dim, real, t.shape[dim] - real)
+    if padding.numel() and bool(padding.ne(0).any()):
+        # the padded channels would be dropped: the exported model would compute something else
+        raise UserError(f"{name}: the padded vision MLP channels {real}..{t.shape[dim] - 1} hold non-zero values "
+                        "(a checkpoint trained with them is not a Qwen2.5-VL of intermediate_size "
+                        f"{real}); refusing to drop them")
+    return t.narrow(dim, 0, real)
+
+
 def to_mcore(rule: Rule, tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """Megatron tensor (TP=1) from the HF tensors listed in rule.hf."""
     if rule.kind == "copy":
         return tensors[0]
     if rule.kind == "gated":
         return torch.cat(list(tensors), dim=0)
+    if rule.kind == "vit_gated":
+        return torch.cat([_pad_rows(t, 0, cfg) for t in tensors], dim=0)
+    if rule.kind == "vit_fc2":
+        return _pad_rows(tensors[0], 1, cfg)
     if rule.kind == "patch":
         return tensors[0].reshape(tensors[0].shape[0], -1)
     if rule.kind == "llm_qkv":
@@ -104,6 +133,10 @@ def to_hf(rule: Rule, tensor: torch.Tensor, cfg: ModelConfig) -> Dict[str, torch
         parts = [tensor]
     elif rule.kind == "gated":
         parts = list(torch.chunk(tensor, 2, dim=0))
+    elif rule.kind == "vit_gated":
+        parts = [_strip_rows(half, 0, cfg, rule.mcore) for half in torch.chunk(tensor, 2, dim=0)]
+    elif rule.kind == "vit_fc2":
+        parts = [_strip_rows(tensor, 1, cfg, rule.mcore)]
     elif rule.kind == "patch":
         vis = cfg.vision
         parts = [tensor.reshape(tensor.shape[0], vis.in_channels, vis.temporal_patch_size, vis.patch_size,

@@ -45,5 +45,5 @@ def vision_transformer_config(cfg: ModelConfig, initialize: bool = True):
     vis = cfg.vision
     return TransformerConfig(
         num_layers=vis.depth, hidden_size=vis.hidden_size, num_attention_heads=vis.num_heads,
-        ffn_hidden_size=vis.intermediate_size, kv_channels=vis.head_dim, layernorm_epsilon=vis.norm_eps,
+        ffn_hidden_size=vis.padded_intermediate_size, kv_channels=vis.head_dim, layernorm_epsilon=vis.norm_eps,
         add_bias_linear=True, pipeline_model_parallel_size=1, **_common(cfg, initialize))

@@ -57,6 +57,23 @@ class VisionAttention(MegatronModule):
         return q, k, qkv[:, :, 2]
 
 
+@torch.no_grad()
+def zero_mlp_padding(mlp: MLP, vcfg: VisionConfig) -> None:
+    """Zero this TP rank's share of the padded SwiGLU channels (VisionConfig.intermediate_pad_multiple):
+    fc1's gate and up rows and biases, fc2's input columns. Zero there, the channels contribute nothing
+    and receive exactly zero gradients, so they stay zero in training."""
+    local = vcfg.padded_intermediate_size // mlp.config.tensor_model_parallel_size
+    first = parallel_state.get_tensor_model_parallel_rank() * local
+    pad = torch.arange(first, first + local) >= vcfg.intermediate_size
+    if not bool(pad.any()):
+        return
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    fc1.weight.view(2, local, -1)[:, pad.to(fc1.weight.device)] = 0  # local fc1 = [gate; up]
+    if fc1.bias is not None:
+        fc1.bias.view(2, local)[:, pad.to(fc1.bias.device)] = 0
+    fc2.weight[:, pad.to(fc2.weight.device)] = 0
+
+
 class VisionBlock(MegatronModule):
     def __init__(self, config, vcfg: VisionConfig):
         super().__init__(config=config)
@@ -65,6 +82,7 @@ class VisionBlock(MegatronModule):
         self.norm2 = RMSNorm(config, vcfg.hidden_size, vcfg.norm_eps)
         self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
                                              linear_fc2=tensor_parallel.RowParallelLinear))
+        zero_mlp_padding(self.mlp, vcfg)
 
     # Split around the segment attention so the dense parts can be compiled (models/compile.py)
     # while the layout-dependent attention call stays eager.

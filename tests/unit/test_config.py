@@ -65,3 +65,18 @@ def test_non_qwen_config_is_refused():
         model_config_from_hf({"model_type": "llama", "hidden_size": 8})
     with pytest.raises(UserError, match="missing field"):
         model_config_from_hf({"model_type": "qwen2_5_vl", "vision_config": {"depth": 1}})
+
+
+def test_vision_mlp_padding_lets_tp8_shard_the_tower():
+    """Qwen2.5-VL-32B/72B have 8 KV heads: TP=8 needs the ViT's 3420-wide MLP padded (3456 / 8 = 432)."""
+    cfg = preset("qwen25vl_7b")
+    lang = cfg.language  # Qwen2.5-VL-72B's language model
+    lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = 80, 8192, 64, 8
+    lang.ffn_hidden_size = 29568
+    cfg.validate(8, 1)
+    cfg.vision.intermediate_pad_multiple = 1
+    with pytest.raises(UserError, match="tensor_model_parallel_size=8 must divide model.vision.intermediate_size"):
+        cfg.validate(8, 1)
+    cfg.vision.intermediate_pad_multiple = 0
+    with pytest.raises(UserError, match="intermediate_pad_multiple=0: must be >= 1"):
+        cfg.validate(1, 1)

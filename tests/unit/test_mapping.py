@@ -74,3 +74,27 @@ def test_new_transformers_names_are_normalised():
     assert normalize_hf_key("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
     assert normalize_hf_key("model.visual.blocks.0.attn.qkv.bias") == "visual.blocks.0.attn.qkv.bias"
     assert normalize_hf_key("lm_head.weight") == "lm_head.weight"
+
+
+def test_vit_mlp_is_zero_padded_to_the_model_width():
+    cfg = preset("qwen25vl_3b")
+    assert (cfg.vision.intermediate_size, cfg.vision.padded_intermediate_size) == (3420, 3456)
+    cfg = preset("tiny")  # 96 -> 128
+    gate, up = torch.randn(96, 64), torch.randn(96, 64)
+    fc1 = to_mcore(Rule("x", ("g", "u"), "vit_gated"), [gate, up], cfg)
+    assert torch.equal(fc1, torch.cat([gate, torch.zeros(32, 64), up, torch.zeros(32, 64)]))
+    down = torch.randn(64, 96)
+    fc2 = to_mcore(Rule("x", ("d",), "vit_fc2"), [down], cfg)
+    assert torch.equal(fc2, torch.cat([down, torch.zeros(64, 32)], dim=1))
+    cfg.vision.intermediate_pad_multiple = 1  # padding off: the plain gated layout
+    assert torch.equal(to_mcore(Rule("x", ("g", "u"), "vit_gated"), [gate, up], cfg), torch.cat([gate, up]))
+
+
+def test_non_zero_padding_is_not_silently_dropped():
+    from megatron_moca.errors import UserError
+
+    cfg = preset("tiny")
+    fc2 = torch.zeros(64, 128)
+    fc2[5, 120] = 1.0
+    with pytest.raises(UserError, match="padded vision MLP channels 96..127 hold non-zero values"):
+        to_hf(Rule("vision.blocks.0.mlp.linear_fc2.weight", ("d",), "vit_fc2"), fc2, cfg)
