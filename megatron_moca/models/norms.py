@@ -3,11 +3,16 @@
 torch.nn.RMSNorm (megatron's local spec) normalises in the input dtype; in bf16 that drifts from the
 HF model. The constructor matches megatron's norm protocol (config, hidden_size, eps) so specs can
 use it for the LLM layers, the final norm and the vision tower.
+
+The fp32 statistics go through `F.rms_norm`: on CUDA (torch >= 2.9) one fused kernel forward and one
+backward instead of HF's pow / mean / add / rsqrt / mul chain and its gradient (a dozen launches per
+norm, 64 norms in the vision tower alone); on the CPU it is that same chain, bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,7 +24,5 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normalised = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normalised.to(x.dtype)
