@@ -7,12 +7,14 @@ Inputs follow shared/bench/hf_vlm.py: one sequence of 4096 tokens, text only, an
 448x448 (4 x 1024 patches -> 4 x 256 image tokens); bf16, random init, forward + backward of a
 next-token CE over all positions (the same work on both sides), median of 6 after 2 warm-ups.
 Also the vision tower alone. Our model runs in each of --variants: causal or bidirectional attention,
-eager or with `+compile` (models/compile.py: each block compiled in place). Results are written to
+eager or with `+compile` (models/compile.py: each block compiled in place), and `+nopad` to run the
+vision MLP at HF's unpadded width (VisionConfig.intermediate_pad_multiple=1) for comparison. Results are written to
 --out after every variant, so a run cut short keeps what it measured. Prints a table of seconds and
 ratios (ours vs HF); never asserts speed.
 """
 
 import argparse
+import copy
 import inspect
 import json
 import time
@@ -108,16 +110,26 @@ def bench_hf(cfg, inputs):
     return res  # the model is freed with this frame; the caller empties the cache
 
 
+def parse_variant(variant):
+    attention, *flags = variant.split("+")
+    if set(flags) - {"compile", "nopad"} or attention not in ("causal", "bidirectional"):
+        raise SystemExit(f"variant {variant!r}: expected causal|bidirectional[+compile][+nopad]")
+    return attention, set(flags)
+
+
 def bench_ours(cfg, inputs, variant):
     from megatron.core import tensor_parallel
 
     from megatron_moca.models.compile import compile_model
     from megatron_moca.models.vlm import MocaVLM
 
-    attention, _, compiled = variant.partition("+")
+    attention, flags = parse_variant(variant)
+    cfg = copy.deepcopy(cfg)
     cfg.attention = attention
+    if "nopad" in flags:
+        cfg.vision.intermediate_pad_multiple = 1
     model = MocaVLM(cfg).to(DEVICE)
-    if compiled:
+    if "compile" in flags:
         compile_model(model)
     text_ids, ids, pixels, grid = inputs
     res = {}
@@ -165,11 +177,15 @@ def main():
     parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence (4 images inside)")
     parser.add_argument("--grid", type=int, default=32, help="patches per image side (32 = 448x448 pixels)")
     parser.add_argument("--repeat", type=int, default=6, help="timed repetitions (median), after 2 warm-ups")
-    parser.add_argument("--variants", default="causal,bidirectional,bidirectional+compile,causal+compile",
-                        help="comma-separated: causal|bidirectional, optionally +compile")
+    parser.add_argument("--variants",
+                        default="causal,bidirectional,bidirectional+compile,causal+compile,bidirectional+nopad",
+                        help="comma-separated: causal|bidirectional, optionally +compile and/or +nopad")
     args = parser.parse_args()
     global DEVICE, REPEAT
     DEVICE, REPEAT = args.device, args.repeat
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        parse_variant(variant)  # a typo fails now, not after the HF run
     from megatron_moca.config.model import preset
     from megatron_moca.distributed import runtime
     from megatron_moca.models.specs import resolve_backend
@@ -189,7 +205,6 @@ def main():
     import transformers
 
     results["transformers"] = transformers.__version__
-    variants = [v for v in args.variants.split(",") if v]
 
     def save():
         results["wall_s"] = round(time.time() - t0, 1)
