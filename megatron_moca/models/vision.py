@@ -23,12 +23,8 @@ from torch import nn
 
 from megatron_moca.config.model import VisionConfig
 from megatron_moca.models.norms import RMSNorm
+from megatron_moca.models.vision_rotary import apply_rotary
 from megatron_moca.models.vision_layout import Segments, segment_attention, vision_layout
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class VisionAttention(MegatronModule):
@@ -47,13 +43,12 @@ class VisionAttention(MegatronModule):
             bias=True, input_is_parallel=True, skip_bias_add=False)
 
     def rotated_qkv(self, x, cos, sin):
-        """x [N, d] -> q, k, v [N, heads, head_dim] with the 2-D rotary applied to q and k."""
+        """x [N, d] -> q, k, v [N, heads, head_dim] with the 2-D rotary applied to q and k;
+        cos/sin [N, 1, 1, head_dim/2] (one half of the repeated angles)."""
         qkv, _ = self.qkv(x)
         qkv = qkv.view(x.shape[0], self.heads_local, 3, self.head_dim)
-        # q and k rotated together (HF's per-tensor float math, half the kernel launches)
-        qk = qkv[:, :, :2].float()
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        q, k = (qk * cos + rotate_half(qk) * sin).to(qkv.dtype).unbind(2)
+        # q and k rotated together in one call (HF's per-tensor float math, bit for bit)
+        q, k = apply_rotary(qkv[:, :, :2], cos, sin).unbind(2)
         return q, k, qkv[:, :, 2]
 
 
@@ -154,8 +149,8 @@ class VisionTower(MegatronModule):
         n = x.shape[0]
         x = x.view(n // unit, unit, -1)[layout.window_index].reshape(n, -1)
         freqs = (layout.positions.float()[..., None] * self.inv_freq.to(dev)).flatten(1)  # [N, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # broadcast over heads
-        cos, sin = emb.cos(), emb.sin()
+        freqs = freqs[:, None, None, :]  # broadcast over heads and (q, k); HF repeats it over both halves
+        cos, sin = freqs.cos(), freqs.sin()
         for i, block in enumerate(self.blocks):
             segs = layout.image_segments if i in self.full_blocks else layout.window_segments
             x = block(x, cos, sin, segs)
