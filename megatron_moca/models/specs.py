@@ -67,11 +67,13 @@ def llm_layer_spec(backend: str, causal: bool):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         from megatron_moca.models.attention import core_attention_class
+        from megatron_moca.models.bias_gemm import BiasInGemmColumnParallelLinear
         from megatron_moca.models.norms import RMSNorm
 
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.linear_qkv = BiasInGemmColumnParallelLinear  # QKV bias
         if backend != "local":
             spec.submodules.self_attention.submodules.core_attention = core_attention_class(backend)
         mask_type = AttnMaskType.causal if causal else AttnMaskType.no_mask

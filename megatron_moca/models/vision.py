@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
 from megatron_moca.config.model import VisionConfig
+from megatron_moca.models.bias_gemm import (BiasInGemmColumnParallelLinear, BiasInGemmRowParallelLinear,
+                                            MLPFc1BiasInGemm, MLPFc2BiasInGemm)
 from megatron_moca.models.norms import RMSNorm
 from megatron_moca.models.vision_rotary import apply_rotary
 from megatron_moca.models.vision_layout import Segments, segment_attention, vision_layout
@@ -35,10 +37,10 @@ class VisionAttention(MegatronModule):
         tp = config.tensor_model_parallel_size
         self.heads_local = vcfg.num_heads // tp
         self.head_dim = vcfg.head_dim
-        self.qkv = tensor_parallel.ColumnParallelLinear(
+        self.qkv = BiasInGemmColumnParallelLinear(
             vcfg.hidden_size, 3 * vcfg.hidden_size, config=config, init_method=config.init_method, bias=True,
             gather_output=False)
-        self.proj = tensor_parallel.RowParallelLinear(
+        self.proj = BiasInGemmRowParallelLinear(
             vcfg.hidden_size, vcfg.hidden_size, config=config, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False)
 
@@ -75,8 +77,8 @@ class VisionBlock(MegatronModule):
         self.norm1 = RMSNorm(config, vcfg.hidden_size, vcfg.norm_eps)
         self.attn = VisionAttention(config, vcfg)
         self.norm2 = RMSNorm(config, vcfg.hidden_size, vcfg.norm_eps)
-        self.mlp = MLP(config, MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear,
-                                             linear_fc2=tensor_parallel.RowParallelLinear))
+        self.mlp = MLP(config, MLPSubmodules(linear_fc1=MLPFc1BiasInGemm,
+                                             linear_fc2=MLPFc2BiasInGemm))
         zero_mlp_padding(self.mlp, vcfg)
 
     # Split around the segment attention so the dense parts can be compiled (models/compile.py)
@@ -103,11 +105,11 @@ class PatchMerger(MegatronModule):
         width = vcfg.hidden_size * vcfg.merge_unit
         self.width = width
         self.ln_q = RMSNorm(config, vcfg.hidden_size, vcfg.norm_eps)
-        self.fc1 = tensor_parallel.ColumnParallelLinear(width, width, config=config, init_method=config.init_method,
-                                                        bias=True, gather_output=False)
-        self.fc2 = tensor_parallel.RowParallelLinear(width, out_hidden, config=config,
-                                                     init_method=config.output_layer_init_method, bias=True,
-                                                     input_is_parallel=True, skip_bias_add=False)
+        self.fc1 = BiasInGemmColumnParallelLinear(width, width, config=config, init_method=config.init_method,
+                                                  bias=True, gather_output=False)
+        self.fc2 = BiasInGemmRowParallelLinear(width, out_hidden, config=config,
+                                               init_method=config.output_layer_init_method, bias=True,
+                                               input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x):
         h, _ = self.fc1(self.ln_q(x).view(-1, self.width))
