@@ -4,9 +4,11 @@ torch.nn.RMSNorm (megatron's local spec) normalises in the input dtype; in bf16 
 HF model. The constructor matches megatron's norm protocol (config, hidden_size, eps) so specs can
 use it for the LLM layers, the final norm and the vision tower.
 
-The fp32 statistics go through `F.rms_norm`: on CUDA (torch >= 2.9) one fused kernel forward and one
-backward instead of HF's pow / mean / add / rsqrt / mul chain and its gradient (a dozen launches per
-norm, 64 norms in the vision tower alone); on the CPU it is that same chain, bit for bit.
+The normalisation goes through `F.rms_norm` on the input as it is: for bf16/fp16 inputs torch computes
+in fp32 and rounds once, which is HF's `x.float()` ... `.to(dtype)`. On CUDA (torch >= 2.9) that is one
+fused kernel forward and one backward instead of HF's cast / pow / mean / add / rsqrt / mul / cast
+chain and its gradient (a dozen launches per norm, 64 norms in the vision tower alone); on the CPU
+it is that same chain, bit for bit (tests/unit/test_norms.py).
 """
 
 from __future__ import annotations
@@ -24,5 +26,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalised = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normalised.to(x.dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
