@@ -25,7 +25,7 @@ from megatron_moca.config.model import VisionConfig
 from megatron_moca.models.bias_gemm import (BiasInGemmColumnParallelLinear, BiasInGemmRowParallelLinear,
                                             MLPFc1BiasInGemm, MLPFc2BiasInGemm)
 from megatron_moca.models.norms import RMSNorm
-from megatron_moca.models.vision_rotary import apply_rotary
+from megatron_moca.models.rotary import apply_rotary
 from megatron_moca.models.vision_layout import Segments, segment_attention, vision_layout
 
 

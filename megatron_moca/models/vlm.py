@@ -30,6 +30,7 @@ from megatron_moca.errors import UserError
 from megatron_moca.models.attention import allowed_from_document_ids
 from megatron_moca.models.norms import RMSNorm
 from megatron_moca.models.rope_index import get_rope_index
+from megatron_moca.models.rotary import use_for_megatron_attention
 from megatron_moca.models.specs import llm_layer_spec, resolve_backend
 from megatron_moca.models.transformer_configs import language_transformer_config, vision_transformer_config
 from megatron_moca.models.vision import VisionTower
@@ -58,6 +59,7 @@ class MocaVLM(MegatronModule):
         self.backend = resolve_backend(cfg.attention_backend)
         self.causal = cfg.attention == "causal"
         self.vision_on_text_batches = vision_on_text_batches
+        use_for_megatron_attention()  # the LLM's rotary in fewer kernels, bit-identical (models/rotary.py)
         layer_spec = llm_layer_spec(self.backend, self.causal)
         if self.backend == "te":
             from megatron.core.extensions.transformer_engine import TENorm as final_norm

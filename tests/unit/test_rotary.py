@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_moca.models.vision_rotary import apply_rotary, rotary_reference
+from megatron_moca.models.rotary import apply_rotary, rotary_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,3 +27,4 @@ def test_half_rotary_is_bit_identical_to_hf_math(dtype):
     assert torch.equal(grads[0], grads[1])
     assert bool(grads[1][:, :, 2].eq(0).all()) and bool(grads[1][:, :, :2].ne(0).any())  # v untouched
     assert not torch.equal(outs[1], qkv[:, :, :2].detach())  # it did rotate
+

@@ -1,0 +1,117 @@
+"""Rotary embeddings in a few kernels, bit-identical to the chains they replace.
+
+Both towers rotate with angles that repeat over the two halves of the head dimension (HF's
+`cat(freqs, freqs)`; M-RoPE picks its sections identically in both halves), so each half of the
+output is one product pair:
+
+    out[:d/2] = x1 * cos - x2 * sin          out[d/2:] = x2 * cos + x1 * sin
+
+Forward and backward are then four kernels each: two products and a subtraction and an addition
+written straight into the output dtype. The usual chain (`x * cat(cos, cos) + rotate_half(x) *
+cat(sin, sin)`) adds a negation, a `cat`, a separate add and, for fp32 math on bf16 tensors, two
+casts, each a full pass over q and k, and as many again backward. Every output element is rounded
+as in that chain (same products, same single sum, same final rounding):
+  - vision tower: HF computes in fp32 (`x.float()`, fp32 cos/sin) and casts back; here the bf16 input
+    meets fp32 cos/sin inside the product kernels (promotion, no fp32 copy of x);
+  - language model: megatron-core (`rope_utils._apply_rotary_pos_emb_bshd`) and HF compute in the input
+    dtype with cos/sin cast to it; here the same, with cos/sin computed once per forward instead of
+    twice per layer (`use_for_megatron_attention`).
+Under torch.compile the original chains are traced instead (inductor fuses them into one kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's vision-tower formula (fp32 math); cos/sin hold one half ([..., d/2], broadcastable to x)."""
+    xf = x.float()
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def _combine(products_cos, products_sin, dtype, forward: bool) -> torch.Tensor:
+    """out[0] = pc[0] -/+ ps[1], out[1] = pc[1] +/- ps[0] over the halves axis (-2), rounded to dtype."""
+    out = torch.empty(products_cos.shape, dtype=dtype, device=products_cos.device)
+    first, second = (torch.sub, torch.add) if forward else (torch.add, torch.sub)
+    first(products_cos[..., 0, :], products_sin[..., 1, :], out=out[..., 0, :])
+    second(products_cos[..., 1, :], products_sin[..., 0, :], out=out[..., 1, :])
+    return out
+
+
+class _HalfRotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        halves = x.unflatten(-1, (2, -1))  # [..., 2, d/2]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        ctx.save_for_backward(cos, sin)
+        return _combine(halves * cos, halves * sin, x.dtype, forward=True).flatten(-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        halves = grad.unflatten(-1, (2, -1))
+        # the transpose of the rotation: d/dx1 = g1 cos + g2 sin, d/dx2 = g2 cos - g1 sin
+        return _combine(halves * cos, halves * sin, grad.dtype, forward=False).flatten(-2), None, None
+
+
+def half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., d] by angles whose cos/sin ([..., d/2], no gradient) repeat over both halves;
+    products in the promoted dtype of (x, cos), the result in x's dtype."""
+    return _HalfRotary.apply(x, cos, sin)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The vision tower's rotary: HF's fp32 arithmetic (cos/sin fp32, one half)."""
+    if torch.compiler.is_compiling():
+        return rotary_reference(x, cos, sin)
+    return half_rotary(x, cos, sin)
+
+
+class _CosSinOfLastFreqs:
+    """cos/sin of the angle tensor most recently seen: every layer of a forward gets the same one."""
+
+    def __init__(self):
+        self.freqs, self.dtype, self.version, self.value = None, None, None, None
+
+    def __call__(self, freqs: torch.Tensor, dtype: torch.dtype):
+        if freqs is not self.freqs or dtype != self.dtype or self.version != freqs._version:
+            half = freqs[..., : freqs.shape[-1] // 2]
+            self.freqs, self.dtype, self.version = freqs, dtype, freqs._version
+            self.value = (half.cos().to(dtype), half.sin().to(dtype))  # rope_utils' cast
+        return self.value
+
+
+def _plain_megatron_rope(t, freqs, config, cu_seqlens, mscale) -> bool:
+    """The case rope_utils handles with `_apply_rotary_pos_emb_bshd` on angles cat(f, f)."""
+    return (cu_seqlens is None and mscale == 1.0 and not config.apply_rope_fusion and not config.rotary_interleaved
+            and not getattr(config, "multi_latent_attention", False) and freqs.shape[-1] == t.shape[-1]
+            and not freqs.requires_grad)
+
+
+def use_for_megatron_attention() -> None:
+    """Route megatron-core's attention rotary (transformer/attention.py's `apply_rotary_pos_emb`) through
+    half_rotary for the plain case; everything else (THD cu_seqlens, fused TE rope, YaRN mscale,
+    interleaved or partial rotary, MLA, torch.compile tracing) keeps megatron's function. Idempotent."""
+    from megatron.core.transformer import attention
+
+    original = attention.apply_rotary_pos_emb
+    if getattr(original, "_moca_half_rotary", False):
+        return
+    cos_sin = _CosSinOfLastFreqs()
+
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, **kwargs):
+        if kwargs or torch.compiler.is_compiling() or not _plain_megatron_rope(t, freqs, config, cu_seqlens, mscale):
+            return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
+                            **kwargs)
+        cos, sin = cos_sin(freqs, t.dtype)
+        return half_rotary(t, cos, sin)
+
+    apply_rotary_pos_emb._moca_half_rotary = True
+    attention.apply_rotary_pos_emb = apply_rotary_pos_emb
