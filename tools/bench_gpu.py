@@ -118,10 +118,9 @@ def parse_variant(variant):
 
 
 def bench_ours(cfg, inputs, variant):
-    from megatron.core import tensor_parallel
-
     from megatron_moca.models.compile import compile_model
     from megatron_moca.models.vlm import MocaVLM
+    from megatron_moca.objectives.losses import token_cross_entropy
 
     attention, flags = parse_variant(variant)
     cfg = copy.deepcopy(cfg)
@@ -138,7 +137,7 @@ def bench_ours(cfg, inputs, variant):
         hidden = model(tokens, **kw)
         logits = model.logits(hidden)  # [s, b, v/tp] vocab-parallel
         labels = torch.roll(tokens, -1, dims=1).transpose(0, 1).contiguous()
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+        return token_cross_entropy(logits, labels).mean()
 
     def text_step():
         loss_of(text_ids).backward()
