@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_moca.conversion.hf_config import hf_config_from_model
 from megatron_moca.conversion.mapping import normalize_hf_key
@@ -114,3 +115,15 @@ def hidden_and_grads(model, ids, pixels, grid, **kw):
     hidden = model(ids, pixel_values=pixels, image_grid_thw=grid, **kw)
     hidden.float().pow(2).mean().backward()
     return hidden.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class OpNames(TorchDispatchMode):
+    """Records the aten op names dispatched inside the `with` block (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

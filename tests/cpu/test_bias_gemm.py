@@ -2,20 +2,10 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpNames
 
 from megatron_moca.models.bias_gemm import (BiasInGemmColumnParallelLinear, BiasInGemmRowParallelLinear,
                                             MLPFc1BiasInGemm, MLPFc2BiasInGemm)
-
-
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def vision_config():

@@ -103,25 +103,16 @@ def test_exact_resize_on_gpu_equals_pillow():
 
 def test_rms_norm_is_one_fused_kernel_each_way_and_matches_hf_math():
     """models/norms.py counts on torch's fused CUDA rms_norm (torch >= 2.9) for its launch savings."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from helpers import OpNames
 
     from megatron_moca.models.norms import RMSNorm
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     norm = RMSNorm(None, 1280, 1e-6).cuda()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(1280))
     norm = norm.to(torch.bfloat16)
     x = torch.randn(4096, 1280, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    with Ops() as ops:
+    with OpNames() as ops:
         out = norm(x)
         out.float().sum().backward()
     assert "_fused_rms_norm" in ops.names and "_fused_rms_norm_backward" in ops.names, ops.names
