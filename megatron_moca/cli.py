@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -21,6 +22,16 @@ def _cmd_env(args) -> int:
         for key, value in report.items():
             print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _conversion_on_cpu() -> None:
+    """Conversion is a CPU job (one process, about one model copy in host memory). On a GPU node this
+    process would otherwise take NCCL and build the whole unsharded model on GPU 0 (a 72B model does not
+    fit), so the GPUs are hidden from it before anything asks CUDA."""
+    torch_cuda = sys.modules.get("torch.cuda")
+    if torch_cuda is not None and torch_cuda.is_initialized():
+        raise UserError("moca convert must start before CUDA is initialised in its process")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _cmd_hf_to_mcore(args) -> int:
@@ -143,6 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     started_here = not _distributed_initialized()
     try:
+        if args.command == "convert":
+            _conversion_on_cpu()
         return args.func(args)
     except UserError as e:
         print(f"moca: error: {e}", file=sys.stderr)

@@ -49,9 +49,15 @@ def staged_output(path: str):
 
 
 def _unsharded_model(cfg):
+    import torch
+
     from megatron_moca.distributed import runtime
     from megatron_moca.models.vlm import MocaVLM
 
+    if torch.cuda.is_available():
+        # megatron would allocate the whole unsharded model on one GPU and verify would mix devices
+        raise UserError("conversion runs on the CPU: use `moca convert`, which hides the GPUs, or start "
+                        "this process with CUDA_VISIBLE_DEVICES=")
     runtime.initialize(1, 1)
     cfg.attention_backend = "sdpa" if cfg.attention_backend in ("te", "flash") else cfg.attention_backend
     return MocaVLM(cfg, initialize=False)

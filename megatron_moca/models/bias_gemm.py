@@ -2,15 +2,17 @@
 
 megatron-core's linears (tensor_parallel/layers.py) compute `matmul(x, W.t())` and add the bias in a
 second pass over the output (column-parallel inside `LinearWithGradAccumulationAndAsyncCommunication`,
-row-parallel after the all-reduce); megatron's MLP even asks for the bias back separately
-(skip_bias_add) to fuse it with the activation, a fusion the local spec does not use. `F.linear` gives
+row-parallel after the all-reduce), and megatron's MLP asks for both biases back separately
+(skip_bias_add): fc1's for its fused bias+SwiGLU kernel where that is on (bias_activation_fusion, CUDA:
+models/transformer_configs.fuse_activations), fc2's to be added later by the caller. `F.linear` gives
 the bias to the GEMM (addmm: cuBLASLt's bias epilogue on CUDA): one pass less per linear, and the bias
 added before the single rounding to bf16, as in HF's nn.Linear. Only the plain case takes this path:
 whatever megatron's own path implements beyond it (sequence parallel, gradient-accumulation fusion into
 main_grad, deferred weight gradients, GTP weight sharding, frozen weights, a row-parallel all-reduce,
-or an argument this version does not know) keeps megatron's path. The backward is autograd's addmm
-backward (the same products and bias-gradient sum); column-parallel with TP > 1 all-reduces the input
-gradient through copy_to_tensor_model_parallel_region, as megatron's allreduce_dgrad does.
+or an argument this version does not know) keeps megatron's path, and fc1's bias stays with the fused
+SwiGLU where that is on. The backward is autograd's addmm backward (the same products and
+bias-gradient sum); column-parallel with TP > 1 all-reduces the input gradient through
+copy_to_tensor_model_parallel_region, as megatron's allreduce_dgrad does.
 """
 
 from __future__ import annotations
@@ -46,21 +48,19 @@ class BiasInGemmRowParallelLinear(RowParallelLinear):
         return F.linear(input_, self.weight, self.bias), None
 
 
-def _bias_inside(skip_bias_add: bool, config) -> bool:
-    """skip_bias_add as built for megatron's MLP: off (bias added by the linear, None returned, which
-    MLP.forward and the layers around it treat as no bias) unless MLP fuses bias and activation."""
-    return skip_bias_add if getattr(config, "bias_activation_fusion", False) else False
-
-
 class MLPFc1BiasInGemm(BiasInGemmColumnParallelLinear):
-    """linear_fc1 for megatron's MLP (which builds it with skip_bias_add=True)."""
+    """linear_fc1 for megatron's MLP, which builds it with skip_bias_add=True to fuse the bias with the
+    activation: kept so when that fusion is on (config.bias_activation_fusion), otherwise the bias goes
+    into the GEMM and None is returned (MLP.forward then adds nothing)."""
 
     def __init__(self, *args, skip_bias_add=False, **kwargs):
-        super().__init__(*args, skip_bias_add=_bias_inside(skip_bias_add, kwargs["config"]), **kwargs)
+        skip_bias_add = skip_bias_add and kwargs["config"].bias_activation_fusion
+        super().__init__(*args, skip_bias_add=skip_bias_add, **kwargs)
 
 
 class MLPFc2BiasInGemm(BiasInGemmRowParallelLinear):
-    """linear_fc2 for megatron's MLP (which builds it with skip_bias_add=True)."""
+    """linear_fc2 for megatron's MLP (built with skip_bias_add=True): the bias goes into the GEMM and None
+    is returned, which the layers around the MLP treat as no bias."""
 
     def __init__(self, *args, skip_bias_add=False, **kwargs):
-        super().__init__(*args, skip_bias_add=_bias_inside(skip_bias_add, kwargs["config"]), **kwargs)
+        super().__init__(*args, skip_bias_add=False, **kwargs)

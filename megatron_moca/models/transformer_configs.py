@@ -10,6 +10,13 @@ from megatron_moca.config.model import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def fuse_activations() -> bool:
+    """megatron-core's fused SwiGLU (bias + silu * gate in one torch.compile'd kernel each way, see
+    megatron/core/fusions/fused_bias_swiglu.py; megatron's own default) where CUDA is available. On the
+    CPU the plain ops run: inductor would compile a C++ kernel per shape for no gain."""
+    return torch.cuda.is_available()
+
+
 def _common(cfg: ModelConfig, initialize: bool) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -18,7 +25,7 @@ def _common(cfg: ModelConfig, initialize: bool) -> dict:
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, pipeline_dtype=dtype,
         hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, bias_activation_fusion=False, masked_softmax_fusion=False,
+        activation_func=F.silu, bias_activation_fusion=fuse_activations(), masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False, use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=initialize, init_method_std=0.02)

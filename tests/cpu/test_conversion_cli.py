@@ -138,3 +138,21 @@ def test_missing_checkpoint_and_config(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc = main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
     assert_one_line_error(capsys, rc, "config.json")
+
+
+def test_convert_commands_hide_the_gpus(monkeypatch):
+    """On a GPU node `moca convert` must not build the unsharded model on GPU 0 (or take NCCL)."""
+    import os
+
+    from megatron_moca import cli
+
+    seen = {}
+
+    def fake_verify(args):
+        seen["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return 0
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after the test
+    monkeypatch.setattr(cli, "_cmd_verify", fake_verify)
+    assert cli.main(["convert", "verify", "--hf", "x", "--checkpoint", "y"]) == 0
+    assert seen == {"CUDA_VISIBLE_DEVICES": ""}
