@@ -4,26 +4,33 @@ Traced with the aot_eager backend (dynamo + AOT autograd, no code generation) to
 the GPU test runs inductor.
 """
 
+import pytest
 import torch
 from helpers import build_batch, tiny_config, two_documents_in_row0
 from helpers import hidden_and_grads as _step
 
+from megatron_moca.models import transformer_configs
 from megatron_moca.models.compile import compile_model
 from megatron_moca.models.vlm import MocaVLM
 
 
-def test_compiled_blocks_match_eager(megatron_runtime):
+@pytest.mark.parametrize("fused_swiglu", [False, True], ids=["plain", "fused_swiglu"])
+def test_compiled_blocks_match_eager(megatron_runtime, monkeypatch, fused_swiglu):
+    """fused_swiglu: megatron's torch.compile'd SwiGLU (on by default with CUDA) nested in the blocks."""
+    monkeypatch.setattr(transformer_configs, "fuse_activations", lambda: fused_swiglu)
     cfg = tiny_config()
     cfg.attention, cfg.attention_backend = "bidirectional", "sdpa"  # flex has no CPU backward
     torch.manual_seed(0)
     model = MocaVLM(cfg)
     ids, mask, pixels, grid = build_batch(cfg, [[(1, 6, 10)], [(1, 4, 4)]], seed=3)
     packed = two_documents_in_row0(cfg, ids, mask)
-    eager = [_step(model, ids, pixels, grid), _step(model, ids, pixels, grid, document_ids=packed)]
+    with torch.compiler.set_stance("force_eager"):  # megatron's compiled SwiGLU as plain Python here
+        eager = [_step(model, ids, pixels, grid), _step(model, ids, pixels, grid, document_ids=packed)]
     names = sorted(model.state_dict())
 
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # no compiled code cached from an earlier test: every graph break is traced anew
     counters.clear()
     compiled = compile_model(model, backend="aot_eager")
     assert len(compiled) == cfg.language.num_layers + cfg.vision.depth
