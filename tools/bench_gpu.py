@@ -7,8 +7,9 @@ Inputs follow shared/bench/hf_vlm.py: one sequence of 4096 tokens, text only, an
 448x448 (4 x 1024 patches -> 4 x 256 image tokens); bf16, random init, forward + backward of a
 next-token CE over all positions (the same work on both sides), median of 6 after 2 warm-ups.
 Also the vision tower alone. Our model runs in each of --variants: causal or bidirectional attention,
-eager or with `+compile` (models/compile.py: each block compiled in place), and `+nopad` to run the
-vision MLP at HF's unpadded width (VisionConfig.intermediate_pad_multiple=1) for comparison. Results are written to
+eager or with `+compile` (models/compile.py: each block compiled in place); `+nopad` runs the vision
+MLP at HF's unpadded width (VisionConfig.intermediate_pad_multiple=1) and `+nofuse` without megatron's
+fused SwiGLU (transformer_configs.fuse_activations), to measure each in the same run. Results are written to
 --out after every variant, so a run cut short keeps what it measured. Prints a table of seconds and
 ratios (ours vs HF); never asserts speed.
 """
@@ -112,12 +113,13 @@ def bench_hf(cfg, inputs):
 
 def parse_variant(variant):
     attention, *flags = variant.split("+")
-    if set(flags) - {"compile", "nopad"} or attention not in ("causal", "bidirectional"):
-        raise SystemExit(f"variant {variant!r}: expected causal|bidirectional[+compile][+nopad]")
+    if set(flags) - {"compile", "nopad", "nofuse"} or attention not in ("causal", "bidirectional"):
+        raise SystemExit(f"variant {variant!r}: expected causal|bidirectional[+compile][+nopad][+nofuse]")
     return attention, set(flags)
 
 
 def bench_ours(cfg, inputs, variant):
+    from megatron_moca.models import transformer_configs
     from megatron_moca.models.compile import compile_model
     from megatron_moca.models.vlm import MocaVLM
     from megatron_moca.objectives.losses import token_cross_entropy
@@ -127,7 +129,12 @@ def bench_ours(cfg, inputs, variant):
     cfg.attention = attention
     if "nopad" in flags:
         cfg.vision.intermediate_pad_multiple = 1
-    model = MocaVLM(cfg).to(DEVICE)
+    fuse = transformer_configs.fuse_activations
+    transformer_configs.fuse_activations = (lambda: False) if "nofuse" in flags else fuse
+    try:
+        model = MocaVLM(cfg).to(DEVICE)
+    finally:
+        transformer_configs.fuse_activations = fuse
     if "compile" in flags:
         compile_model(model)
     text_ids, ids, pixels, grid = inputs
@@ -177,8 +184,9 @@ def main():
     parser.add_argument("--grid", type=int, default=32, help="patches per image side (32 = 448x448 pixels)")
     parser.add_argument("--repeat", type=int, default=6, help="timed repetitions (median), after 2 warm-ups")
     parser.add_argument("--variants",
-                        default="causal,bidirectional,bidirectional+compile,causal+compile,bidirectional+nopad",
-                        help="comma-separated: causal|bidirectional, optionally +compile and/or +nopad")
+                        default="causal,bidirectional,bidirectional+compile,causal+compile,bidirectional+nopad,"
+                                "bidirectional+nofuse",
+                        help="comma-separated: causal|bidirectional, optionally +compile, +nopad, +nofuse")
     args = parser.parse_args()
     global DEVICE, REPEAT
     DEVICE, REPEAT = args.device, args.repeat
