@@ -48,6 +48,9 @@ def environment_report() -> Dict[str, str]:
     kernels = available_kernels()
     report["attention_backend(auto)"] = resolve_backend("auto")
     report["attention_kernels"] = ", ".join(k for k, ok in kernels.items() if ok and k != "cuda")
+    from megatron_moca.models.transformer_configs import fuse_activations
+
+    report["swiglu"] = "megatron fused (torch.compile)" if fuse_activations() else "plain ops"
     from megatron_moca.data.samples import resolve_image_pipeline
 
     report["image_pipeline(auto)"] = resolve_image_pipeline("auto")

@@ -17,3 +17,15 @@ def test_cli_help_lists_contract_commands():
     assert proc.returncode == 0
     for name in ("hf-to-mcore", "mcore-to-hf", "verify"):
         assert name in proc.stdout
+
+
+def test_moca_env_reports_the_choices_a_run_would_make_without_importing_gpu_packages():
+    code = ("import sys\nfrom megatron_moca.cli import main\nrc = main(['env'])\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformer_engine', 'flash_attn', 'apex')"
+            " or m.startswith('nvidia.dali')]\nprint('imported:', bad)\nsys.exit(rc or (1 if bad else 0))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(None, 1) for line in proc.stdout.splitlines() if line.strip())
+    for key in ("torch", "megatron-core", "gpu", "attention_backend(auto)", "swiglu", "image_pipeline(auto)"):
+        assert key in lines, (key, proc.stdout)
+    assert lines["imported:"].strip() == "[]"
