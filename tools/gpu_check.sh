@@ -7,7 +7,8 @@
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
 # Time caps: GPU_TESTS_S for the tests, the bench gets the rest of the caller's limit (about 3 minutes in
-# all on an H100, most of it compiling). tools/profile_gpu.py is the follow-up when a ratio looks wrong.
+# all on an H100 with the 4 variants of 2026-11-26; the 6 default variants add two eager ones, so give
+# it 6-7 minutes). tools/profile_gpu.py is the follow-up when a ratio looks wrong.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
