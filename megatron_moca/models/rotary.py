@@ -45,10 +45,15 @@ def _combine(products_cos, products_sin, dtype, forward: bool) -> torch.Tensor:
     return out
 
 
+def _halves(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., 2, d/2] as a view (the head dimension is innermost in every layout used here)."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).unflatten(-1, (2, -1))
+
+
 class _HalfRotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        halves = x.unflatten(-1, (2, -1))  # [..., 2, d/2]
+        halves = _halves(x)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         ctx.save_for_backward(cos, sin)
         return _combine(halves * cos, halves * sin, x.dtype, forward=True).flatten(-2)
@@ -56,7 +61,7 @@ class _HalfRotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        halves = grad.unflatten(-1, (2, -1))
+        halves = _halves(grad)
         # the transpose of the rotation: d/dx1 = g1 cos + g2 sin, d/dx2 = g2 cos - g1 sin
         return _combine(halves * cos, halves * sin, grad.dtype, forward=False).flatten(-2), None, None
 

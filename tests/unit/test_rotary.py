@@ -28,3 +28,12 @@ def test_half_rotary_is_bit_identical_to_hf_math(dtype):
     assert bool(grads[1][:, :, 2].eq(0).all()) and bool(grads[1][:, :, :2].ne(0).any())  # v untouched
     assert not torch.equal(outs[1], qkv[:, :, :2].detach())  # it did rotate
 
+
+
+def test_half_rotary_takes_a_head_dimension_that_is_not_innermost():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 5, 3, generator=g).transpose(0, 2)  # [3, 5, 16], last-dim stride 15
+    angles = torch.randn(3, 5, 8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    assert x.stride(-1) != 1
+    assert torch.equal(apply_rotary(x, cos, sin), rotary_reference(x, cos, sin))
