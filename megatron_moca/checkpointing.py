@@ -47,7 +47,10 @@ def resolve_checkpoint(path: str) -> str:
 
 def read_model_config(folder: str) -> ModelConfig:
     with open(os.path.join(folder, MODEL_JSON)) as f:
-        return ModelConfig.from_dict(json.load(f)["model"])
+        model = json.load(f)["model"]
+    # checkpoints written before VisionConfig.intermediate_pad_multiple existed hold the unpadded MLP
+    model.setdefault("vision", {}).setdefault("intermediate_pad_multiple", 1)
+    return ModelConfig.from_dict(model)
 
 
 def _materialize_views_releasing_params(sharded_state_dict, model) -> None:

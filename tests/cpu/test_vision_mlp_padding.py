@@ -79,3 +79,17 @@ def test_export_strips_padding_and_refuses_non_zero_padding(megatron_runtime):
         ours.vision.blocks[1].mlp.linear_fc2.weight[3, 100] = 0.5
     with pytest.raises(UserError, match=r"vision\.blocks\.1\.mlp\.linear_fc2\.weight: the padded vision MLP"):
         dict(model_to_hf(ours, cfg))
+
+
+def test_checkpoint_configs_from_before_the_padding_read_as_unpadded(tmp_path):
+    import json
+
+    from megatron_moca.checkpointing import MODEL_JSON, read_model_config
+
+    cfg = padded_tiny().to_dict()
+    del cfg["vision"]["intermediate_pad_multiple"]
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"model": cfg}))
+    assert read_model_config(str(tmp_path)).vision.padded_intermediate_size == 96
+    cfg["vision"]["intermediate_pad_multiple"] = 128
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"model": cfg}))
+    assert read_model_config(str(tmp_path)).vision.padded_intermediate_size == 128
