@@ -80,17 +80,17 @@ def normalize_hf_key(key: str) -> str:
     return key
 
 
-def _pad_rows(t: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
+def _pad_channels(t: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
     """Zero-pad the ViT SwiGLU width along `dim` from intermediate_size to padded_intermediate_size."""
     pad = cfg.vision.padded_intermediate_size - t.shape[dim]
-    if pad == 0:
+    if pad <= 0:  # nothing to pad, or a tensor wider than the config says: the loader's shape check names it
         return t
     shape = list(t.shape)
     shape[dim] = pad
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _strip_rows(t: torch.Tensor, dim: int, cfg: ModelConfig, name: str) -> torch.Tensor:
+def _strip_channels(t: torch.Tensor, dim: int, cfg: ModelConfig, name: str) -> torch.Tensor:
     real = cfg.vision.intermediate_size
     padding = t.narrow(dim, real, t.shape[dim] - real)
     if padding.numel() and bool(padding.ne(0).any()):
@@ -108,9 +108,9 @@ def to_mcore(rule: Rule, tensors: Sequence[torch.Tensor], cfg: ModelConfig) -> t
     if rule.kind == "gated":
         return torch.cat(list(tensors), dim=0)
     if rule.kind == "vit_gated":
-        return torch.cat([_pad_rows(t, 0, cfg) for t in tensors], dim=0)
+        return torch.cat([_pad_channels(t, 0, cfg) for t in tensors], dim=0)
     if rule.kind == "vit_fc2":
-        return _pad_rows(tensors[0], 1, cfg)
+        return _pad_channels(tensors[0], 1, cfg)
     if rule.kind == "patch":
         return tensors[0].reshape(tensors[0].shape[0], -1)
     if rule.kind == "llm_qkv":
@@ -134,9 +134,9 @@ def to_hf(rule: Rule, tensor: torch.Tensor, cfg: ModelConfig) -> Dict[str, torch
     elif rule.kind == "gated":
         parts = list(torch.chunk(tensor, 2, dim=0))
     elif rule.kind == "vit_gated":
-        parts = [_strip_rows(half, 0, cfg, rule.mcore) for half in torch.chunk(tensor, 2, dim=0)]
+        parts = [_strip_channels(half, 0, cfg, rule.mcore) for half in torch.chunk(tensor, 2, dim=0)]
     elif rule.kind == "vit_fc2":
-        parts = [_strip_rows(tensor, 1, cfg, rule.mcore)]
+        parts = [_strip_channels(tensor, 1, cfg, rule.mcore)]
     elif rule.kind == "patch":
         vis = cfg.vision
         parts = [tensor.reshape(tensor.shape[0], vis.in_channels, vis.temporal_patch_size, vis.patch_size,

@@ -93,3 +93,15 @@ def test_checkpoint_configs_from_before_the_padding_read_as_unpadded(tmp_path):
     cfg["vision"]["intermediate_pad_multiple"] = 128
     (tmp_path / MODEL_JSON).write_text(json.dumps({"model": cfg}))
     assert read_model_config(str(tmp_path)).vision.padded_intermediate_size == 128
+
+
+def test_a_vision_mlp_wider_than_the_config_is_a_clear_error(megatron_runtime):
+    from megatron_moca.conversion.mapping import normalize_hf_key
+    from megatron_moca.conversion.weights import load_hf_into_model
+
+    cfg = padded_tiny()
+    state = {normalize_hf_key(k): v for k, v in hf_model(cfg, seed=4).state_dict().items()}
+    state["visual.blocks.2.mlp.gate_proj.weight"] = torch.zeros(140, cfg.vision.hidden_size)  # config says 96
+    model = MocaVLM(cfg)
+    with pytest.raises(UserError, match=r"visual\.blocks\.2\.mlp\.gate_proj\.weight has shape"):
+        load_hf_into_model(model, lambda k: state[k], cfg)
