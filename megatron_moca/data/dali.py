@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, open_image, resized_size
+from megatron_moca.data.image_processing import ImageError, ImageProcessingConfig, target_size
 from megatron_moca.data.pixels import patchify_frame_torch
 
 
@@ -33,17 +33,6 @@ def dali_available() -> bool:
         return importlib.util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):
         return False
-
-
-def target_size(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int]:
-    """(height, width) after smart_resize, from the image header alone; ImageError for bad images."""
-    with open_image(data, cfg) as img:
-        return resized_size(img.height, img.width, cfg)
-
-
-def grid_of(data: bytes, cfg: ImageProcessingConfig) -> Tuple[int, int, int]:
-    h, w = target_size(data, cfg)
-    return 1, h // cfg.patch_size, w // cfg.patch_size
 
 
 class DaliImageDecoder:

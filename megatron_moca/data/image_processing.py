@@ -100,6 +100,18 @@ def open_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()
     return img
 
 
+def target_size(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> Tuple[int, int]:
+    """(height, width) after smart_resize, from the image header alone; ImageError for bad headers."""
+    with open_image(data, cfg) as img:
+        return resized_size(img.height, img.width, cfg)
+
+
+def grid_of(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()) -> Tuple[int, int, int]:
+    """grid_thw of an image from its header alone (what decoding and resizing it will give)."""
+    h, w = target_size(data, cfg)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
 def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
     """Bytes -> decoded PIL image (its own mode); ImageError for corrupt, truncated or oversized images."""
     from PIL import Image

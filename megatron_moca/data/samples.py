@@ -3,7 +3,8 @@ and packing of several samples into one sequence with document boundaries.
 
 Layout of one image in the token stream: <|vision_start|> + (t*h*w/4) x <|image_pad|> + <|vision_end|>.
 Truncation at `max_length` cuts text at the budget and drops an image that does not fit whole (with
-everything after it), as the reference does. Image tokens, in sequence order, are the merge groups of
+everything after it), as the reference does; whether an image fits is read from its header, so a
+dropped image is never decoded. Image tokens, in sequence order, are the merge groups of
 the images in order, so `mae_token_mask` (per token) and the MAE group mask agree by construction.
 """
 
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 
 from megatron_moca.data.documents import Document, DocumentError
-from megatron_moca.data.dali import grid_of
 from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, decode_rgb_or_grey,
-                                                  decoded_pixels, image_frames, load_and_resize, resized_size)
+                                                  decoded_pixels, grid_of, image_frames, load_and_resize,
+                                                  resized_size)
 from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.objectives.masking import IGNORE_INDEX, mae_group_mask, mlm_mask
 
@@ -109,23 +110,25 @@ class Stage1SampleBuilder:
                     raise DocumentError("text contains vision special tokens outside an image placeholder")
                 ids += text_ids[:budget - len(ids)]
                 continue
+            data = doc.images[seg]
             try:
+                # the grid comes from the header: an image cut by the budget is never decoded
+                grid = grid_of(data, self.cfg.image)
+                n = grid[0] * grid[1] * grid[2] // self.merge_unit
+                if len(ids) + n + 2 > budget:
+                    break  # the image would be cut: drop it whole, and what follows
                 if self.pipeline == "dali":
-                    rows, grid = None, grid_of(doc.images[seg], self.cfg.image)
+                    encoded.append(data)
                 elif self.pipeline == "device_resize":
-                    rows, grid = None, self._device_image(doc.images[seg], device_images)
+                    self._device_image(data, device_images)
                 else:
-                    rows, grid = image_frames(doc.images[seg], self.cfg.image)
+                    rows, decoded_grid = image_frames(data, self.cfg.image)
+                    if decoded_grid != grid:
+                        raise ImageError(f"decoded to grid {decoded_grid}, its header says {grid}")
+                    frames.append(rows)
             except ImageError as e:
                 raise DocumentError(f"image {seg}: {e}") from None
-            n = grid[0] * grid[1] * grid[2] // self.merge_unit
-            if len(ids) + n + 2 > budget:
-                break  # the image would be cut: drop it whole, and what follows
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
-            if rows is not None:
-                frames.append(rows)
-            elif self.pipeline == "dali":
-                encoded.append(doc.images[seg])
             grids.append(grid)
         if not ids:
             raise DocumentError("no tokens after tokenisation")
@@ -142,12 +145,11 @@ class Stage1SampleBuilder:
         noise = rng.standard_normal(frame_dim * self.cfg.image.temporal_patch_size).astype(np.float32)
         token_mask = np.zeros(len(ids), dtype=bool)
         token_mask[image_slots] = groups
-        del device_images[len(grids):]  # images dropped by truncation
         return Stage1Sample(doc.key, input_ids, labels, position_ids, all_frames, grid_np, token_mask, noise, encoded,
                             device_images)
 
-    def _device_image(self, data: bytes, out: List[np.ndarray]):
-        """Decode for device_resize; appends the uint8 [H, W, C] payload to `out`, returns the grid."""
+    def _device_image(self, data: bytes, out: List[np.ndarray]) -> None:
+        """Decode for device_resize; appends the uint8 [H, W, C] payload to `out`."""
         cfg = self.cfg.image
         image = decode_rgb_or_grey(data, cfg)
         h, w = resized_size(image.height, image.width, cfg)
@@ -155,7 +157,6 @@ class Stage1SampleBuilder:
             out.append(load_and_resize(image, cfg))  # huge source: PIL on the CPU, the same bytes
         else:
             out.append(decoded_pixels(image, cfg))
-        return 1, h // cfg.patch_size, w // cfg.patch_size
 
 
 @dataclass

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moca.data.dali import dali_available, grid_of
-from megatron_moca.data.image_processing import ImageProcessingConfig, image_frames
+from megatron_moca.data.dali import dali_available
+from megatron_moca.data.image_processing import ImageProcessingConfig, grid_of, image_frames
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed (extra 'gpu' or 'dev')")
 

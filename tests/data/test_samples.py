@@ -137,3 +137,29 @@ def test_bad_documents_are_refused_with_reasons(real_images):
     for record, reason in cases:
         with pytest.raises(DocumentError, match=reason):
             from_record(record, "k")
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device_resize", "dali"])
+def test_an_image_cut_by_the_budget_is_never_decoded(real_images, tokenizer, monkeypatch, pipeline):
+    """Whether an image fits comes from its header: the second image here does not fit, and its body
+    (truncated to garbage after a valid header) is never decoded, so the document is kept."""
+    from megatron_moca.data import image_processing
+
+    full = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=100000, image_pipeline="cpu")).build(
+        doc(real_images, 2), np.random.default_rng(0))
+    first_image_end = int(np.nonzero(full.input_ids == tokenizer.vision_end_id)[0][0]) + 1
+    with open(real_images[1], "rb") as f:
+        second = f.read()
+    images = [real_images[0], second[:len(second) // 3]]  # the second: header intact, pixel data cut
+    body = LONG_TEXT + "".join(f" {PLACEHOLDER} caption {i}. " + LONG_TEXT for i in range(2))
+    truncated_doc = from_record({"text": body, "images": images}, "t")
+    decoded = []
+    original = image_processing.decode_image
+    monkeypatch.setattr(image_processing, "decode_image", lambda data, cfg=None: decoded.append(1) or original(data, cfg))
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=first_image_end + 50, image_pipeline=pipeline))
+    s = builder.build(truncated_doc, np.random.default_rng(0))
+    assert s.image_grid_thw.shape[0] == 1
+    assert len(decoded) == (0 if pipeline == "dali" else 1)  # only the image that fits
+    with pytest.raises(DocumentError, match="image 1"):  # with room for it, the cut body is found
+        Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=100000, image_pipeline="cpu")).build(
+            truncated_doc, np.random.default_rng(0))
