@@ -38,3 +38,22 @@ def test_megatron_attention_rotary_is_bit_identical_and_falls_back(megatron_runt
     # partial rotary (freqs narrower than the head) is not the plain case: megatron's function runs
     narrow = freqs[..., : d // 2].contiguous()
     assert torch.equal(ours(t, narrow, config=config), megatron_rope(t, narrow, config=config))
+
+
+def test_the_model_takes_the_fast_path_for_q_and_k_of_every_layer(megatron_runtime, monkeypatch):
+    """megatron's Attention passes its own arguments (mscale, cp_group, ...): the plain case must still be
+    recognised, or the optimisation would silently never run."""
+    from helpers import tiny_config
+
+    from megatron_moca.models import rotary
+    from megatron_moca.models.vlm import MocaVLM
+
+    calls = []
+    original = rotary.half_rotary
+    monkeypatch.setattr(rotary, "half_rotary", lambda *args: calls.append(args[0].shape) or original(*args))
+    cfg = tiny_config()
+    model = MocaVLM(cfg)
+    model(torch.randint(0, 1000, (2, 16)))
+    heads, groups = cfg.language.num_attention_heads, cfg.language.num_query_groups
+    assert len(calls) == 2 * cfg.language.num_layers
+    assert sorted({tuple(s)[2] for s in calls}) == sorted({heads, groups})  # q and k of each layer
