@@ -77,15 +77,29 @@ def make_inputs(cfg, seq=4096, images=4, grid_side=32):
     return text_ids, ids, pixels, grid
 
 
-def bench_hf(cfg, inputs):
+def hf_model(cfg, device):
+    """transformers' Qwen2_5_VLForConditionalGeneration of cfg's shapes: random, sdpa, bf16, on `device`."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from megatron_moca.conversion.hf_config import hf_config_from_model
 
     hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg))
     hf_cfg._attn_implementation = "sdpa"
-    with torch.device(DEVICE):
-        model = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
+
+
+def next_token_loss(model, tokens, **kw):
+    """Our side of the benchmarked step: MocaVLM forward, vocab-parallel logits, next-token CE (mean)."""
+    from megatron_moca.objectives.losses import token_cross_entropy
+
+    logits = model.logits(model(tokens, **kw))  # [s, b, v/tp]
+    labels = torch.roll(tokens, -1, dims=1).transpose(0, 1).contiguous()
+    return token_cross_entropy(logits, labels).mean()
+
+
+def bench_hf(cfg, inputs):
+    model = hf_model(cfg, DEVICE)
     text_ids, ids, pixels, grid = inputs
     res = {}
 
@@ -122,7 +136,6 @@ def bench_ours(cfg, inputs, variant):
     from megatron_moca.models import transformer_configs
     from megatron_moca.models.compile import compile_model
     from megatron_moca.models.vlm import MocaVLM
-    from megatron_moca.objectives.losses import token_cross_entropy
 
     attention, flags = parse_variant(variant)
     cfg = copy.deepcopy(cfg)
@@ -140,17 +153,11 @@ def bench_ours(cfg, inputs, variant):
     text_ids, ids, pixels, grid = inputs
     res = {}
 
-    def loss_of(tokens, **kw):
-        hidden = model(tokens, **kw)
-        logits = model.logits(hidden)  # [s, b, v/tp] vocab-parallel
-        labels = torch.roll(tokens, -1, dims=1).transpose(0, 1).contiguous()
-        return token_cross_entropy(logits, labels).mean()
-
     def text_step():
-        loss_of(text_ids).backward()
+        next_token_loss(model, text_ids).backward()
 
     def image_step():
-        loss_of(ids, pixel_values=pixels, image_grid_thw=grid).backward()
+        next_token_loss(model, ids, pixel_values=pixels, image_grid_thw=grid).backward()
 
     def vision_step():
         model.vision(pixels, grid).float().sum().backward()

@@ -19,7 +19,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from bench_gpu import make_inputs, median_seconds  # tools/ is the script's folder
+from bench_gpu import hf_model, make_inputs, median_seconds, next_token_loss  # tools/ is the script's folder
 
 
 def timed_ms(fn, warm=2, rep=5):
@@ -160,8 +160,6 @@ def main():
 
     if not parts & {"steps", "vision"}:
         return
-    from megatron.core import tensor_parallel
-
     from megatron_moca.config.model import preset
     from megatron_moca.distributed import runtime
     from megatron_moca.models.vlm import MocaVLM
@@ -170,54 +168,40 @@ def main():
     cfg = preset(args.preset)
     cfg.params_dtype, cfg.attention = "bfloat16", "bidirectional"
     text_ids, _, pixels, grid = make_inputs(cfg, seq=args.seq)
-    if "vision" in parts:
+
+    def attempt(error_key, fn, shown):
+        """Run one profile part; a failure is recorded under error_key and the other parts still run."""
+        try:
+            fn()
+            print(json.dumps({k: results[k] for k in shown}, indent=1))
+        except Exception:
+            results[error_key] = traceback.format_exc()[-2000:]
+        torch.cuda.empty_cache()
+        save()
+
+    def ours_vision():
         from megatron_moca.models.vision_layout import vision_layout
 
-        try:
-            model = MocaVLM(cfg).cuda()
-            results["ours_vision"] = step_profile(lambda: model.vision(pixels, grid).float().sum().backward())
-            results["vision_layout_ms"] = round(timed_ms(lambda: vision_layout(grid.cpu(), cfg.vision, "cuda")), 2)
-            print(json.dumps({k: results[k] for k in ("ours_vision", "vision_layout_ms")}, indent=1))
-            model = None
-            torch.cuda.empty_cache()
-        except Exception:
-            results["vision_error"] = traceback.format_exc()[-2000:]
-        save()
-    if "steps" not in parts:
-        return
-    try:
         model = MocaVLM(cfg).cuda()
+        results["ours_vision"] = step_profile(lambda: model.vision(pixels, grid).float().sum().backward())
+        results["vision_layout_ms"] = round(timed_ms(lambda: vision_layout(grid.cpu(), cfg.vision, "cuda")), 2)
 
-        def ours():
-            hidden = model(text_ids)
-            labels = torch.roll(text_ids, -1, dims=1).transpose(0, 1).contiguous()
-            tensor_parallel.vocab_parallel_cross_entropy(model.logits(hidden).float(), labels).mean().backward()
+    def ours_text():
+        model = MocaVLM(cfg).cuda()
+        # the step tools/bench_gpu.py times, and the same without the output layer and loss
+        results["ours_text"] = step_profile(lambda: next_token_loss(model, text_ids).backward())
+        results["ours_text_hidden_only_ms"] = round(
+            timed_ms(lambda: model(text_ids).float().pow(2).mean().backward()), 1)
 
-        def ours_no_loss():
-            model(text_ids).float().pow(2).mean().backward()
-
-        results["ours_text"] = step_profile(ours)
-        results["ours_text_hidden_only_ms"] = round(timed_ms(ours_no_loss), 1)
-        print(json.dumps({k: results[k] for k in ("ours_text", "ours_text_hidden_only_ms")}, indent=1))
-        model = None
-        torch.cuda.empty_cache()
-    except Exception:
-        results["ours_error"] = traceback.format_exc()[-2000:]
-    save()
-    try:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        from megatron_moca.conversion.hf_config import hf_config_from_model
-
-        hf_cfg = Qwen2_5_VLConfig(**hf_config_from_model(cfg))
-        hf_cfg._attn_implementation = "sdpa"
-        with torch.device("cuda"):
-            hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).to(torch.bfloat16)
+    def hf_text():
+        hf = hf_model(cfg, "cuda")
         results["hf_text"] = step_profile(lambda: hf(input_ids=text_ids, labels=text_ids).loss.backward())
-        print(json.dumps(results["hf_text"], indent=1))
-    except Exception:
-        results["hf_error"] = traceback.format_exc()[-2000:]
-    save()
+
+    if "vision" in parts:
+        attempt("vision_error", ours_vision, ("ours_vision", "vision_layout_ms"))
+    if "steps" in parts:
+        attempt("ours_error", ours_text, ("ours_text", "ours_text_hidden_only_ms"))
+        attempt("hf_error", hf_text, ("hf_text",))
     runtime.shutdown()
 
 
