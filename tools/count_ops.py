@@ -14,7 +14,9 @@ import os
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from helpers import OpNames, build_batch, hf_model  # noqa: E402 - the tests' helpers
 
 _VIEWS = {"view", "detach", "t", "transpose", "slice", "_unsafe_view", "expand", "permute", "unsqueeze", "squeeze",
           "select", "alias", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "reshape",
@@ -22,23 +24,12 @@ _VIEWS = {"view", "detach", "t", "transpose", "slice", "_unsafe_view", "expand",
           "empty_strided"}
 
 
-class ComputeOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in _VIEWS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count(fn):
+    """Compute ops (view-like ops excluded) dispatched by one call of fn, after a warm-up call."""
     fn()  # warm caches (masks, layouts) so they do not count
-    with ComputeOps() as mode:
+    with OpNames() as ops:
         fn()
-    return mode.counts
+    return collections.Counter(name for name in ops.names if name not in _VIEWS)
 
 
 def main():
@@ -46,9 +37,6 @@ def main():
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from helpers import build_batch, hf_model
-
     from megatron_moca.config.model import preset
     from megatron_moca.distributed import runtime
     from megatron_moca.models.transformer_configs import DTYPES
