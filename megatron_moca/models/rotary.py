@@ -36,9 +36,12 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-def _combine(products_cos, products_sin, dtype, forward: bool) -> torch.Tensor:
-    """out[0] = pc[0] -/+ ps[1], out[1] = pc[1] +/- ps[0] over the halves axis (-2), rounded to dtype."""
-    out = torch.empty(products_cos.shape, dtype=dtype, device=products_cos.device)
+def _rotate_into(halves, cos, sin, out: torch.Tensor, forward: bool) -> torch.Tensor:
+    """The rotation (forward) or its transpose (backward) of halves [..., 2, d/2], rounded into out (which
+    may be halves itself: both products are taken before it is written).
+        forward:  out[0] = x[0] cos - x[1] sin,  out[1] = x[1] cos + x[0] sin
+        backward: out[0] = g[0] cos + g[1] sin,  out[1] = g[1] cos - g[0] sin"""
+    products_cos, products_sin = halves * cos, halves * sin
     first, second = (torch.sub, torch.add) if forward else (torch.add, torch.sub)
     first(products_cos[..., 0, :], products_sin[..., 1, :], out=out[..., 0, :])
     second(products_cos[..., 1, :], products_sin[..., 0, :], out=out[..., 1, :])
@@ -56,14 +59,15 @@ class _HalfRotary(torch.autograd.Function):
         halves = _halves(x)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         ctx.save_for_backward(cos, sin)
-        return _combine(halves * cos, halves * sin, x.dtype, forward=True).flatten(-2)
+        return _rotate_into(halves, cos, sin, torch.empty(halves.shape, dtype=x.dtype, device=x.device),
+                            forward=True).flatten(-2)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         halves = _halves(grad)
-        # the transpose of the rotation: d/dx1 = g1 cos + g2 sin, d/dx2 = g2 cos - g1 sin
-        return _combine(halves * cos, halves * sin, grad.dtype, forward=False).flatten(-2), None, None
+        out = torch.empty(halves.shape, dtype=grad.dtype, device=grad.device)
+        return _rotate_into(halves, cos, sin, out, forward=False).flatten(-2), None, None
 
 
 def half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,11 +76,41 @@ def half_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return _HalfRotary.apply(x, cos, sin)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The vision tower's rotary: HF's fp32 arithmetic (cos/sin fp32, one half)."""
+class _RotaryQKV(torch.autograd.Function):
+    """q and k rotated, v passed through, from one [..., 3, d] projection; the backward writes all three
+    gradients into one buffer: a stack and the four rotation kernels. (Rotating a slice of the projection
+    and selecting v instead costs, backward, a stack, the rotation, two zero-filled full-size gradient
+    buffers with a copy each, and their sum.)"""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        ctx.save_for_backward(cos, sin)
+        halves = _halves(qkv[..., :2, :])
+        qk = _rotate_into(halves, cos, sin, torch.empty(halves.shape, dtype=qkv.dtype, device=qkv.device),
+                          forward=True).flatten(-2)
+        q, k = qk.unbind(-2)
+        return q, k, qkv.select(-2, 2)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grads = [grad_q, grad_k, grad_v]
+        like = next(g for g in grads if g is not None)
+        grad = torch.stack([torch.zeros_like(like) if g is None else g for g in grads], dim=-2)
+        qk = grad[..., :2, :].unflatten(-1, (2, -1))
+        _rotate_into(qk, cos, sin, qk, forward=False)  # in place
+        return grad, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The vision tower's rotary on a [..., 3, d] QKV projection -> q, k (rotated), v, each [..., d]: HF's
+    fp32 arithmetic bit for bit; cos/sin fp32, one half, broadcastable to the [..., 2, d/2] of q and k.
+    Under torch.compile HF's chain is traced instead (inductor fuses it)."""
     if torch.compiler.is_compiling():
-        return rotary_reference(x, cos, sin)
-    return half_rotary(x, cos, sin)
+        q, k = rotary_reference(qkv[..., :2, :], cos, sin).unbind(-2)
+        return q, k, qkv.select(-2, 2)
+    return _RotaryQKV.apply(qkv, cos, sin)
 
 
 class _CosSinOfLastFreqs:

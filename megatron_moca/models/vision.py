@@ -25,7 +25,7 @@ from megatron_moca.config.model import VisionConfig
 from megatron_moca.models.bias_gemm import (BiasInGemmColumnParallelLinear, BiasInGemmRowParallelLinear,
                                             MLPFc1BiasInGemm, MLPFc2BiasInGemm)
 from megatron_moca.models.norms import RMSNorm
-from megatron_moca.models.rotary import apply_rotary
+from megatron_moca.models.rotary import rotary_qkv
 from megatron_moca.models.vision_layout import Segments, segment_attention, vision_layout
 
 
@@ -48,10 +48,8 @@ class VisionAttention(MegatronModule):
         """x [N, d] -> q, k, v [N, heads, head_dim] with the 2-D rotary applied to q and k;
         cos/sin [N, 1, 1, head_dim/2] (one half of the repeated angles)."""
         qkv, _ = self.qkv(x)
-        qkv = qkv.view(x.shape[0], self.heads_local, 3, self.head_dim)
         # q and k rotated together in one call (HF's per-tensor float math, bit for bit)
-        q, k = apply_rotary(qkv[:, :, :2], cos, sin).unbind(2)
-        return q, k, qkv[:, :, 2]
+        return rotary_qkv(qkv.view(x.shape[0], self.heads_local, 3, self.head_dim), cos, sin)
 
 
 @torch.no_grad()

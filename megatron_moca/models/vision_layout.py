@@ -91,11 +91,13 @@ def segment_attention(q, k, v, segments: Segments) -> torch.Tensor:
     """Bidirectional attention within segments; q/k/v [N, heads, d] -> [N, heads, d]."""
     if segments.order is not None:
         q, k, v = (t[segments.order] for t in (q, k, v))
-    outs, start = [], 0
-    for n, count in segments.groups:
-        end = start + n * count
-        qs, ks, vs = (t[start:end].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(end - start, *q.shape[1:]))
-        start = end
+    sizes = [n * count for n, count in segments.groups]
+    # split, not slices: its backward is one cat, where each slice's is a zero-filled full-size gradient
+    # plus a copy (and a lone group is used as it is)
+    parts = zip(*(t.split(sizes) if len(sizes) > 1 else (t,) for t in (q, k, v)))
+    outs = []
+    for (n, count), group in zip(segments.groups, parts):
+        qs, ks, vs = (t.view(count, n, *t.shape[1:]).transpose(1, 2) for t in group)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(n * count, *q.shape[1:]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if segments.inverse is None else out[segments.inverse]
