@@ -11,7 +11,7 @@ eager or with `+compile` (models/compile.py: each block compiled in place); `+no
 MLP at HF's unpadded width (VisionConfig.intermediate_pad_multiple=1) and `+nofuse` without megatron's
 fused SwiGLU (transformer_configs.fuse_activations), to measure each in the same run. Results are written to
 --out after every variant, so a run cut short keeps what it measured. Prints a table of seconds and
-ratios (ours vs HF); never asserts speed.
+ratios (ours vs HF), and how much of each step the host took; never asserts speed.
 """
 
 import argparse
@@ -28,24 +28,35 @@ DEVICE = "cuda"
 REPEAT = 6
 
 
-def median_seconds(fn, warm=2, repeat=6, device="cuda"):
-    """Median wall time of fn() over `repeat` calls after `warm` warm-ups, the device synchronised."""
+def step_times(fn, warm=2, repeat=6, device="cuda"):
+    """(median wall seconds, median host seconds) of fn() over `repeat` calls after `warm` warm-ups.
+    Wall: until the device has finished. Host: until fn() returned, kernels possibly still queued; a
+    host time close to the wall time means the step waited on the host (Python, launches, syncs)
+    rather than on the GPU."""
     for _ in range(warm):
         fn()
-    times = []
+    walls, hosts = [], []
     for _ in range(repeat):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        hosts.append(time.perf_counter() - t0)
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        walls.append(time.perf_counter() - t0)
+    return sorted(walls)[len(walls) // 2], sorted(hosts)[len(hosts) // 2]
+
+
+def median_seconds(fn, warm=2, repeat=6, device="cuda"):
+    """Median wall time of fn() over `repeat` calls after `warm` warm-ups, the device synchronised."""
+    return step_times(fn, warm, repeat, device)[0]
 
 
 def timed(fn):
-    return median_seconds(fn, warm=2 if REPEAT > 1 else 1, repeat=REPEAT, device=DEVICE)
+    """{"s": median wall seconds, "host_s": median seconds until fn returned} (see step_times)."""
+    wall, host = step_times(fn, warm=2 if REPEAT > 1 else 1, repeat=REPEAT, device=DEVICE)
+    return {"s": wall, "host_s": host}
 
 
 def peak_gib():
@@ -120,7 +131,7 @@ def bench_hf(cfg, inputs):
 
     for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
         reset_peak()
-        res[name] = {"s": timed(fn), "peak_GiB": peak_gib()}
+        res[name] = {**timed(fn), "peak_GiB": peak_gib()}
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -165,7 +176,7 @@ def bench_ours(cfg, inputs, variant):
     for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
         reset_peak()
         t0 = time.time()
-        res[name] = {"s": timed(fn), "peak_GiB": peak_gib(), "wall_s": round(time.time() - t0, 1)}
+        res[name] = {**timed(fn), "peak_GiB": peak_gib(), "wall_s": round(time.time() - t0, 1)}
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -180,6 +191,10 @@ def print_table(results, variants):
             got = results.get(f"ours_{v}", {}).get(case)
             row += f" {got['s']:24.3f} {hf / got['s']:6.2f}" if got else f" {'-':>24} {'-':>6}"
         print(row)
+    print("host share (seconds until the step returned / until the GPU finished; near 1 = waiting on the host):")
+    for case in ("text", "images", "vision_tower"):
+        shares = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
+        print(f"{case:<14} " + " ".join(f"{got['host_s'] / got['s']:5.2f}" if got else "    -" for got in shares))
 
 
 def main():
