@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -108,8 +109,10 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
     return folder
 
 
-def load_model(model, folder: str) -> None:
-    """Load a dist checkpoint into `model` in place (any TP/PP: megatron reshards).
+def load_model(model, folder: str, without: Tuple[str, ...] = ()) -> None:
+    """Load a dist checkpoint into `model` in place (any TP/PP: megatron reshards). `without`: key
+    prefixes of parameters the checkpoint does not hold and that keep their values (e.g. "mae_decoder."
+    when stage 1 starts from a converted backbone).
 
     Factories (SwiGLU gate/up halves, ...) are applied up front, so every tensor megatron loads is
     the parameter itself or a view of it: no merged temporaries, the peak stays near one model copy
@@ -119,11 +122,19 @@ def load_model(model, folder: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.mapping import apply_factories
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    sharded = model.sharded_state_dict()
+    sharded = {key: value for key, value in model.sharded_state_dict().items() if not key.startswith(without)}
     apply_factories(sharded)
     targets = {key: value for key, value in sharded.items()}
-    loaded = dist_checkpointing.load(sharded, folder)
+    # tensors of the model that the checkpoint lacks (megatron's "unexpected" keys) are reported here;
+    # otherwise torch's loader fails on them with a BaseException (CheckpointException)
+    loaded, _, absent = dist_checkpointing.load(sharded, folder, strict=StrictHandling.RETURN_UNEXPECTED)
+    if absent:
+        hint = (" - it has no MAE decoder (a converted backbone?): load with without=('mae_decoder.',), then "
+                "models.heads.initialize_mae_decoder" if all(k.startswith("mae_decoder.") for k in absent) else "")
+        raise UserError(f"{folder}: the checkpoint lacks {len(absent)} tensors of this model, e.g. "
+                        f"{sorted(absent)[:2]}{hint}")
     missing = set(targets) - set(loaded)
     if missing:
         raise RuntimeError(f"{folder}: keys not loaded {sorted(missing)[:3]}")

@@ -56,11 +56,14 @@ def compile_model(model, backend: str = "inductor") -> List[str]:
     _resolve_default_tp_group_quietly()
     compiled = []
     if model.backend != "te":
-        for i, layer in enumerate(model.language.decoder.layers):
+        layers = [(f"language.decoder.layers.{i}", layer) for i, layer in enumerate(model.language.decoder.layers)]
+        if model.mae_decoder is not None:
+            layers.append(("mae_decoder.layer", model.mae_decoder.layer))  # a decoder layer like the others
+        for name, layer in layers:
             core = layer.self_attention.core_attention
             core.forward = torch.compiler.disable(core.forward)
             layer.compile(backend=backend)
-            compiled.append(f"language.decoder.layers.{i}")
+            compiled.append(name)
     if model.vision is not None:
         for i, block in enumerate(model.vision.blocks):
             block.attention_inputs = torch.compile(block.attention_inputs, backend=backend)

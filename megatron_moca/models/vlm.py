@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.errors import UserError
 from megatron_moca.models.attention import allowed_from_document_ids
+from megatron_moca.models.heads import MaeDecoder
 from megatron_moca.models.norms import RMSNorm
 from megatron_moca.models.rope_index import get_rope_index
 from megatron_moca.models.rotary import use_for_megatron_attention
@@ -44,10 +45,12 @@ logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
 
 class MocaVLM(MegatronModule):
     def __init__(self, cfg: ModelConfig, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 initialize: bool = True, vision_on_text_batches: bool = False):
+                 initialize: bool = True, vision_on_text_batches: bool = False, mae_decoder: bool = False):
         """vision_on_text_batches: in training, run the vision tower on a dummy image for batches without
         images (zero gradients), for data-parallel wrappers that need every parameter's gradient on
         every step (e.g. megatron DDP with overlapped grad reduction). Costs a vision pass per text batch.
+        mae_decoder: build MoCa's stage-1 MAE decoder on the last stage (models/heads.py; its layer is
+        random until `heads.initialize_mae_decoder` copies LLM layer L//2 into it).
         """
         cfg.validate(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         llm_config = language_transformer_config(cfg, initialize)
@@ -76,6 +79,9 @@ class MocaVLM(MegatronModule):
             rotary_base=int(lang.rope_theta))
         self.vision = (VisionTower(vision_transformer_config(cfg, initialize), cfg.vision, lang.hidden_size)
                        if self.pre_process else None)
+        self.mae_decoder = (MaeDecoder(llm_config, layer_spec, cfg.vision.merge_unit * cfg.vision.patch_dim,
+                                       layer_number=len(self.language.decoder.layers) + 1)
+                            if mae_decoder and self.post_process else None)
 
     # -- pipeline plumbing -------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -139,16 +145,30 @@ class MocaVLM(MegatronModule):
             emb = emb + 0.0 * dummy.sum().to(emb.dtype)
         return emb
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attention_context(self, input_ids, position_ids=None, document_ids=None, image_grid_thw=None):
+        """(attention mask, rotary embedding) of a batch: what every LLM layer (and the MAE decoder) takes."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, document_ids)
         mask = self.attention_mask(document_ids, b, s, input_ids.device)
-        rotary = self.language.rotary_pos_emb(position_ids, self.config.mrope_section)
+        return mask, self.language.rotary_pos_emb(position_ids, self.config.mrope_section)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask, rotary = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
         hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         return self.language.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+
+    def mae_predictions(self, hidden: torch.Tensor, select: torch.Tensor, input_ids: torch.Tensor,
+                        position_ids: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
+                        image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MAE decoder (last stage) on final hidden states [s, b, h] of the batch they came from:
+        [n, merge_unit * patch_dim] pixel predictions at the True positions of select [b, s], row-major."""
+        if self.mae_decoder is None:
+            raise UserError("this model has no MAE decoder: build it with mae_decoder=True (last stage)")
+        mask, rotary = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
+        return self.mae_decoder(hidden, mask, rotary, select)
 
     def logits(self, hidden: torch.Tensor, gather: bool = False) -> torch.Tensor:
         """Output layer on hidden states [..., h] (last stage): vocab-parallel logits, or full if gather."""

@@ -43,3 +43,25 @@ def test_compiled_blocks_match_eager(megatron_runtime, monkeypatch, fused_swiglu
         assert g0.keys() == g1.keys()
         for name in g0:
             assert (g0[name] - g1[name]).abs().max().item() <= 1e-5 * max(1.0, g0[name].abs().max().item()), name
+
+
+def test_compiled_mae_decoder_matches_eager(megatron_runtime):
+    """The stage-1 MAE decoder's layer is compiled like the LLM layers; its predictions stay the same."""
+    from megatron_moca.models.heads import initialize_mae_decoder
+
+    cfg = tiny_config()
+    cfg.attention_backend = "sdpa"
+    torch.manual_seed(1)
+    model = MocaVLM(cfg, mae_decoder=True)
+    initialize_mae_decoder(model)
+    ids, mask, pixels, grid = build_batch(cfg, [[(1, 4, 4)]], seed=4)
+    select = ids == cfg.tokens.image_token_id
+
+    def predictions():
+        hidden = torch.randn(ids.shape[1], ids.shape[0], cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
+        return model.mae_predictions(hidden, select, ids, image_grid_thw=grid)
+
+    eager = predictions()
+    torch._dynamo.reset()
+    assert "mae_decoder.layer" in compile_model(model, backend="aot_eager")
+    torch.testing.assert_close(predictions(), eager, rtol=1e-5, atol=1e-5)
