@@ -120,3 +120,50 @@ def test_rms_norm_is_one_fused_kernel_each_way_and_matches_hf_math():
     h = x.detach().float()
     ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding steps at most
+
+
+def test_stage1_loss_on_gpu_equals_cpu(megatron_runtime, device="cuda", gpu_backend="flex"):
+    """The stage-1 joint loss (MLM at masked positions + MAE decoder) on the GPU kernels (flex, packed
+    documents) equals the CPU's (sdpa) in fp32, and its backward reaches the decoder."""
+    import copy
+
+    from helpers import build_batch, tiny_config, two_documents_in_row0
+
+    from megatron_moca.models.heads import initialize_mae_decoder
+    from megatron_moca.models.vlm import MocaVLM
+    from megatron_moca.objectives.masking import IGNORE_INDEX
+    from megatron_moca.objectives.reconstruction import reconstruction_loss
+
+    cfg = tiny_config()
+    cfg.attention_backend = "sdpa"  # flex has no CPU backward
+    torch.manual_seed(0)
+    reference = MocaVLM(cfg, mae_decoder=True)
+    initialize_mae_decoder(reference)
+    gpu_cfg = copy.deepcopy(cfg)
+    gpu_cfg.attention_backend = gpu_backend
+    model = MocaVLM(gpu_cfg, mae_decoder=True)
+    model.load_state_dict(reference.state_dict())
+    ids, mask, pixels, grid = build_batch(cfg, [[(1, 8, 8)], [(1, 4, 4)]], seed=5)
+    g = torch.Generator().manual_seed(1)
+    image = ids == cfg.tokens.image_token_id
+    batch = {"input_ids": ids, "document_ids": two_documents_in_row0(cfg, ids, mask),
+             "labels": torch.where(~image & mask.bool() & (torch.rand(ids.shape, generator=g) < 0.4), ids, IGNORE_INDEX),
+             "mae_token_mask": image & (torch.rand(ids.shape, generator=g) < 0.5),
+             "pixel_values": pixels, "image_grid_thw": grid}
+    batch["mae_targets"] = torch.randn(int(batch["mae_token_mask"].sum()), 4 * 1176, generator=g)
+
+    def loss_on(net, dev):
+        on = {k: v.to(dev) for k, v in batch.items()}
+        net.to(dev).zero_grad(set_to_none=True)
+        hidden = net(on["input_ids"], document_ids=on["document_ids"], pixel_values=on["pixel_values"],
+                     image_grid_thw=on["image_grid_thw"])
+        loss, parts = reconstruction_loss(net, hidden, on)
+        loss.backward()
+        assert parts["mlm_count"] > 0 and parts["mae_count"] > 0
+        return loss.item(), net.mae_decoder.predict.weight.grad.abs().sum().item()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu_loss, cpu_grad = loss_on(reference, "cpu")
+    gpu_loss, gpu_grad = loss_on(model, device)
+    assert abs(gpu_loss - cpu_loss) <= 1e-4 * max(1.0, abs(cpu_loss)) and gpu_grad > 0
+    assert abs(gpu_grad - cpu_grad) <= 1e-3 * cpu_grad
