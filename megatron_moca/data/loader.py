@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -165,6 +166,17 @@ def stage1_builder(tokenizer_dir: Optional[str] = None, sample_cfg=None):
     from megatron_moca.data.tokenizer import QwenTokenizer
 
     return Stage1SampleBuilder(QwenTokenizer(tokenizer_dir), sample_cfg or Stage1SampleConfig())
+
+
+def stage1_builder_factory(tokenizer_dir: Optional[str] = None, sample_cfg=None) -> functools.partial:
+    """`stage1_builder` bound to its arguments, with `image_pipeline` resolved HERE: in the trainer's
+    process, which knows its device, so that loader workers get a concrete pipeline and never probe CUDA
+    or DALI themselves (each spawned worker would otherwise initialise the CUDA driver to decide)."""
+    from megatron_moca.data.samples import Stage1SampleConfig, resolve_image_pipeline
+
+    cfg = sample_cfg or Stage1SampleConfig()
+    cfg = replace(cfg, image_pipeline=resolve_image_pipeline(cfg.image_pipeline))
+    return functools.partial(stage1_builder, tokenizer_dir, cfg)
 
 
 class Stage1Loader:

@@ -1,7 +1,6 @@
 """The demo corpus from pinned Debian packages (fetched with apt-get in CI, ~110 MB), and stage-1 samples and
 loader rows built from it: real interleaved documents end to end."""
 
-import functools
 import itertools
 import os
 import shutil
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_moca.data import demo_corpus
-from megatron_moca.data.loader import LoaderConfig, Stage1Loader, stage1_builder
+from megatron_moca.data.loader import LoaderConfig, Stage1Loader, stage1_builder_factory
 from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig
 from megatron_moca.data.shards import read_shard
 from megatron_moca.errors import UserError
@@ -68,7 +67,7 @@ def test_masking_statistics_on_demo_documents(demo, tokenizer):
 def test_loader_rows_from_demo_shards(demo):
     out, _ = demo
     cfg = LoaderConfig(paths=[out], seed=3, pack_length=2048, pad_to_multiple=16)
-    rows = list(itertools.islice(iter(Stage1Loader(cfg, functools.partial(stage1_builder), 151643, 151655)), 3))
+    rows = list(itertools.islice(iter(Stage1Loader(cfg, stage1_builder_factory(), 151643, 151655)), 3))
     for row in rows:
         assert row.input_ids.shape[1] == 2048
         docs = row.document_ids[0]

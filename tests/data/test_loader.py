@@ -12,7 +12,7 @@ import torch
 
 from megatron_moca.data.documents import Document
 from megatron_moca.data.image_processing import ImageProcessingConfig
-from megatron_moca.data.loader import LoaderConfig, Plan, Stage1Loader, stage1_builder
+from megatron_moca.data.loader import LoaderConfig, Plan, Stage1Loader, stage1_builder, stage1_builder_factory
 from megatron_moca.data.samples import Stage1SampleConfig
 from megatron_moca.data.shards import MANIFEST, ShardWriter
 
@@ -141,3 +141,22 @@ def test_truncated_shard_is_skipped_with_reasons(sources, tmp_path):
     state = ld.state_dict()
     assert sum(state["skipped"].values()) >= 1
     assert sum(len(r.keys) for r in rows) >= 40
+
+
+def test_builder_factory_resolves_the_image_pipeline_in_the_calling_process(monkeypatch):
+    from megatron_moca.data import samples
+    from megatron_moca.data.dali import dali_available
+
+    auto = dataclasses.replace(SMALL, image_pipeline="auto")
+    assert stage1_builder_factory(None, auto).args[1].image_pipeline == "cpu"  # no CUDA here
+    monkeypatch.setattr(samples.torch.cuda, "is_available", lambda: True)
+    factory = stage1_builder_factory(None, auto)
+    assert factory.args[1].image_pipeline == ("dali" if dali_available() else "device_resize")
+
+    def probe():
+        raise AssertionError("a worker probed CUDA")
+
+    monkeypatch.setattr(samples.torch.cuda, "is_available", probe)
+    assert factory().pipeline == factory.args[1].image_pipeline  # what a worker builds: no probing
+    with pytest.raises(AssertionError, match="probed CUDA"):
+        stage1_builder(None, auto)  # unresolved, the builder itself would probe
