@@ -11,7 +11,7 @@ eager or with `+compile` (models/compile.py: each block compiled in place); `+no
 MLP at HF's unpadded width (VisionConfig.intermediate_pad_multiple=1) and `+nofuse` without megatron's
 fused SwiGLU (transformer_configs.fuse_activations), to measure each in the same run. Results are written to
 --out after every variant, so a run cut short keeps what it measured. Prints a table of seconds and
-ratios (ours vs HF), and how much of each step the host took; never asserts speed.
+ratios (ours vs HF), model TFLOP/s, and how much of each step the host took; never asserts speed.
 """
 
 import argparse
@@ -57,6 +57,19 @@ def timed(fn):
     """{"s": median wall seconds, "host_s": median seconds until fn returned} (see step_times)."""
     wall, host = step_times(fn, warm=2 if REPEAT > 1 else 1, repeat=REPEAT, device=DEVICE)
     return {"s": wall, "host_s": host}
+
+
+def case_tflops(cfg, inputs, case, causal):
+    """Model TFLOP of one step of `case` (training/flops.py: matmuls only, true widths)."""
+    from megatron_moca.training.flops import StepShape, training_step_flops
+
+    text_ids, _, _, grid = inputs
+    seq = text_ids.shape[1]
+    grids = [tuple(g) for g in grid.tolist()]
+    shape = {"text": StepShape(documents=[seq], logit_tokens=seq, causal=causal),
+             "images": StepShape(documents=[seq], logit_tokens=seq, image_grids=grids, causal=causal),
+             "vision_tower": StepShape(image_grids=grids)}[case]
+    return training_step_flops(cfg, shape) / 1e12
 
 
 def peak_gib():
@@ -132,6 +145,7 @@ def bench_hf(cfg, inputs):
     for name, fn in (("text", text_step), ("images", image_step), ("vision_tower", vision_step)):
         reset_peak()
         res[name] = {**timed(fn), "peak_GiB": peak_gib()}
+        res[name]["TFLOP_per_s"] = case_tflops(cfg, inputs, name, causal=True) / res[name]["s"]  # HF is causal
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -177,6 +191,7 @@ def bench_ours(cfg, inputs, variant):
         reset_peak()
         t0 = time.time()
         res[name] = {**timed(fn), "peak_GiB": peak_gib(), "wall_s": round(time.time() - t0, 1)}
+        res[name]["TFLOP_per_s"] = case_tflops(cfg, inputs, name, causal=attention == "causal") / res[name]["s"]
         model.zero_grad(set_to_none=True)
     return res  # the model is freed with this frame; the caller empties the cache
 
@@ -191,6 +206,10 @@ def print_table(results, variants):
             got = results.get(f"ours_{v}", {}).get(case)
             row += f" {got['s']:24.3f} {hf / got['s']:6.2f}" if got else f" {'-':>24} {'-':>6}"
         print(row)
+    print("model TFLOP/s (training/flops.py; bidirectional attention is twice causal's work, HF runs causal):")
+    for case in ("text", "images", "vision_tower"):
+        got = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
+        print(f"{case:<14} " + " ".join(f"{r['TFLOP_per_s']:6.1f}" if r else "     -" for r in got))
     print("host share (seconds until the step returned / until the GPU finished; near 1 = waiting on the host):")
     for case in ("text", "images", "vision_tower"):
         shares = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
