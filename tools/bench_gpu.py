@@ -206,14 +206,14 @@ def print_table(results, variants):
             got = results.get(f"ours_{v}", {}).get(case)
             row += f" {got['s']:24.3f} {hf / got['s']:6.2f}" if got else f" {'-':>24} {'-':>6}"
         print(row)
-    print("model TFLOP/s (training/flops.py; bidirectional attention is twice causal's work, HF runs causal):")
-    for case in ("text", "images", "vision_tower"):
-        got = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
-        print(f"{case:<14} " + " ".join(f"{r['TFLOP_per_s']:6.1f}" if r else "     -" for r in got))
-    print("host share (seconds until the step returned / until the GPU finished; near 1 = waiting on the host):")
-    for case in ("text", "images", "vision_tower"):
-        shares = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
-        print(f"{case:<14} " + " ".join(f"{got['host_s'] / got['s']:5.2f}" if got else "    -" for got in shares))
+    for title, value in (("model TFLOP/s (training/flops.py; bidirectional attention is twice causal's work, "
+                          "HF runs causal)", lambda r: r["TFLOP_per_s"]),
+                         ("host share (seconds until the step returned / until the GPU finished; near 1 = "
+                          "waiting on the host)", lambda r: r["host_s"] / r["s"])):
+        print(title + ", columns HF then " + ", ".join(variants) + ":")
+        for case in ("text", "images", "vision_tower"):
+            got = [results.get(key, {}).get(case) for key in ["hf"] + [f"ours_{v}" for v in variants]]
+            print(f"{case:<14} " + " ".join(f"{value(r):7.2f}" if r else "      -" for r in got))
 
 
 def main():
