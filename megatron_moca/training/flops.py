@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
+import torch
+
 from megatron_moca.config.model import LanguageConfig, ModelConfig, VisionConfig
+from megatron_moca.models.vision_layout import vision_layout
+from megatron_moca.objectives.masking import IGNORE_INDEX
 
 
 @dataclass
@@ -46,10 +50,6 @@ def _llm_layer_forward(cfg: LanguageConfig, documents: Sequence[int], causal: bo
 
 def vision_forward(cfg: VisionConfig, image_grids: Sequence[Tuple[int, int, int]], llm_hidden: int) -> Tuple[float, float]:
     """(forward FLOPs of the tower without the patch embedding, forward FLOPs of the patch embedding)."""
-    import torch
-
-    from megatron_moca.models.vision_layout import vision_layout
-
     if not image_grids:
         return 0.0, 0.0
     layout = vision_layout(torch.tensor(image_grids), cfg)
@@ -76,3 +76,17 @@ def training_step_flops(cfg: ModelConfig, shape: StepShape) -> float:
         forward += 2 * lang.hidden_size * cfg.vision.merge_unit * cfg.vision.patch_dim * shape.mae_tokens
     tower, patch_embed = vision_forward(cfg.vision, shape.image_grids, lang.hidden_size)
     return 3 * (forward + tower) + 2 * patch_embed
+
+
+def step_shape_of(batch, causal: bool = False, mae_decoder: bool = True) -> StepShape:
+    """The StepShape of a stage-1 micro-batch (PackedBatch.model_inputs): attention segments from
+    document_ids (padding, id < 0, is no model work), MLM logits at the labelled positions, the images'
+    grids, MAE predictions at the noised image tokens."""
+    documents = []
+    for row in batch["document_ids"]:
+        ids = row[row >= 0]
+        documents += torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+    grid = batch.get("image_grid_thw")
+    return StepShape(documents=documents, logit_tokens=int((batch["labels"] != IGNORE_INDEX).sum()),
+                     image_grids=[tuple(g) for g in grid.tolist()] if grid is not None else [],
+                     mae_tokens=int(batch["mae_token_mask"].sum()) if mae_decoder else -1, causal=causal)

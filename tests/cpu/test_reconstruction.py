@@ -204,3 +204,17 @@ def test_mae_decoder_under_pipeline_and_tensor_parallelism(tmp_path, tp, pp):
     if tp == 2:
         shards = [torch.load(tmp_path / f"decoder_tp{rank}.pt")["mlp.linear_fc1.weight"] for rank in range(2)]
         assert not torch.equal(shards[0], shards[1])  # TP shards, not copies
+
+
+def test_step_shape_of_a_packed_row(packed_inputs):
+    from megatron_moca.training.flops import step_shape_of
+
+    inputs = packed_inputs
+    shape = step_shape_of(inputs)
+    docs = inputs["document_ids"][0]
+    assert shape.documents == [int((docs == i).sum()) for i in range(3)]  # two image documents + one text
+    assert sum(shape.documents) == int((docs >= 0).sum()) < docs.numel()  # the padding is not counted
+    assert shape.logit_tokens == int((inputs["labels"] != IGNORE_INDEX).sum()) > 0
+    assert shape.image_grids == [tuple(g) for g in inputs["image_grid_thw"].tolist()] and len(shape.image_grids) == 2
+    assert shape.mae_tokens == inputs["mae_targets"].shape[0] and not shape.causal
+    assert step_shape_of(inputs, causal=True, mae_decoder=False).mae_tokens == -1
