@@ -101,6 +101,42 @@ def build_batch(cfg, rows, seed=0):
     return ids, mask, pixels, grid
 
 
+def stage1_targets(cfg, ids, valid, seed=0):
+    """Stage-1 targets for a build_batch batch: MLM labels (p 0.4 on valid non-image tokens), the noised
+    image tokens (p 0.5) and random MAE targets for them."""
+    from megatron_moca.objectives.masking import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    image = ids == cfg.tokens.image_token_id
+    labels = torch.where(~image & valid & (torch.rand(ids.shape, generator=g) < 0.4), ids, IGNORE_INDEX)
+    mae = image & (torch.rand(ids.shape, generator=g) < 0.5)
+    targets = torch.randn(int(mae.sum()), cfg.vision.merge_unit * cfg.vision.patch_dim, generator=g)
+    return {"labels": labels, "mae_token_mask": mae, "mae_targets": targets}
+
+
+def packed_real_row(max_length, pack_length):
+    """One packed stage-1 row (PackedBatch) of real documents, as the loader gives it: two with a
+    scikit-image picture each, then one text-only; CPU image pipeline."""
+    import glob
+
+    import numpy as np
+    import skimage
+
+    from megatron_moca.data.documents import PLACEHOLDER, from_record
+    from megatron_moca.data.samples import GreedyPacker, Stage1SampleBuilder, Stage1SampleConfig
+    from megatron_moca.data.tokenizer import QwenTokenizer
+
+    images = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")))[:2]
+    tok = QwenTokenizer()
+    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(max_length=max_length, image_pipeline="cpu"))
+    docs = [from_record({"text": f"Figure {i}: {PLACEHOLDER} shows a test image. ", "images": [images[i]]},
+                        f"doc{i}") for i in range(2)] + [from_record({"text": "plain text " * 30}, "doc2")]
+    packer = GreedyPacker(length=pack_length, pad_id=tok.pad_id, pad_to_multiple=16)
+    for i, d in enumerate(docs):
+        assert packer.add(builder.build(d, np.random.default_rng(i))) is None
+    return packer.flush()
+
+
 def two_documents_in_row0(cfg, ids, mask):
     """Document ids for build_batch output: row 0 split into two documents after its last image."""
     doc = torch.where(mask.bool(), 0, -1)

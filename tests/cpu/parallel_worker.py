@@ -25,18 +25,6 @@ def fixed_batch(cfg):
     return ids, torch.where(mask.bool(), 0, -1), pixels, grid
 
 
-def stage1_batch(cfg, ids, doc, pixels, grid):
-    """The fixed batch as a stage-1 micro-batch: MLM labels on text, noised-group mask, random targets."""
-    from megatron_moca.objectives.masking import IGNORE_INDEX
-
-    g = torch.Generator().manual_seed(13)
-    image = ids == cfg.tokens.image_token_id
-    mae = image & (torch.rand(ids.shape, generator=g) < 0.5)
-    return {"input_ids": ids, "document_ids": doc, "pixel_values": pixels, "image_grid_thw": grid,
-            "labels": torch.where(~image & (doc >= 0) & (torch.rand(ids.shape, generator=g) < 0.4), ids, IGNORE_INDEX),
-            "mae_token_mask": mae, "mae_targets": torch.randn(int(mae.sum()), 4 * 1176, generator=g)}
-
-
 def run(args):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -87,8 +75,12 @@ def run(args):
 
         return logits, loss_func
 
-    batch = stage1_batch(cfg, ids, doc, pixels, grid) if args.stage1 else {
-        "input_ids": ids, "document_ids": doc, "pixel_values": pixels, "image_grid_thw": grid}
+    batch = {"input_ids": ids, "document_ids": doc, "pixel_values": pixels, "image_grid_thw": grid}
+    if args.stage1:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        from helpers import stage1_targets
+
+        batch.update(stage1_targets(cfg, ids, doc >= 0, seed=13))
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
                                 num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
                                 forward_only=False)

@@ -1,31 +1,14 @@
 """A packed stage-1 batch built from real documents runs through MocaVLM: positions, document ids and
 pixels from the data pipeline agree with what the model computes itself."""
 
-import numpy as np
 import torch
-from helpers import tiny_config
+from helpers import packed_real_row, tiny_config
 
-from megatron_moca.data.documents import PLACEHOLDER, from_record
-from megatron_moca.data.samples import GreedyPacker, Stage1SampleBuilder, Stage1SampleConfig
-from megatron_moca.data.tokenizer import QwenTokenizer
 from megatron_moca.models.vlm import MocaVLM
 
 
 def test_packed_real_documents_through_the_model(megatron_runtime):
-    import glob
-    import os
-
-    import skimage
-
-    images = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")))[:3]
-    tok = QwenTokenizer()
-    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(max_length=900, image_pipeline="cpu"))
-    docs = [from_record({"text": f"Figure {i}: {PLACEHOLDER} shows a test image. " * 1, "images": [images[i]]},
-                        f"doc{i}") for i in range(2)] + [from_record({"text": "plain text " * 30}, "doc2")]
-    packer = GreedyPacker(length=2048, pad_id=tok.pad_id, pad_to_multiple=16)
-    for i, d in enumerate(docs):
-        assert packer.add(builder.build(d, np.random.default_rng(i))) is None
-    row = packer.flush()
+    row = packed_real_row(max_length=900, pack_length=2048)
     inputs = row.model_inputs()
     cfg = tiny_config()
     torch.manual_seed(0)

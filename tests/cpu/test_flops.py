@@ -3,7 +3,7 @@ backward of the model (bidirectional; SDPA in its math form so that attention is
 
 import pytest
 import torch
-from helpers import build_batch, tiny_config
+from helpers import build_batch, stage1_targets, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,14 +54,10 @@ def test_stage1_step_counts_masked_logits_and_the_mae_decoder(setup):
     from megatron_moca.objectives.reconstruction import reconstruction_loss
 
     cfg, model = setup
-    ids, _, pixels, grid = build_batch(cfg, [[(1, 8, 8)]], seed=2)
-    g = torch.Generator().manual_seed(0)
-    image = ids == cfg.tokens.image_token_id
-    mae = image & (torch.rand(ids.shape, generator=g) < 0.5)
-    batch = {"input_ids": ids, "labels": torch.where(~image & (torch.rand(ids.shape, generator=g) < 0.4), ids,
-                                                      IGNORE_INDEX),
-             "mae_token_mask": mae, "mae_targets": torch.randn(int(mae.sum()), 4 * 1176, generator=g),
-             "pixel_values": pixels, "image_grid_thw": grid}
+    ids, mask, pixels, grid = build_batch(cfg, [[(1, 8, 8)]], seed=2)
+    batch = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid,
+             **stage1_targets(cfg, ids, mask.bool(), seed=0)}
+    mae = batch["mae_token_mask"]
 
     def step():
         hidden = model(ids, pixel_values=pixels, image_grid_thw=grid)

@@ -2,14 +2,12 @@
 layer L//2, predictions pair with the data pipeline's targets, the MLM term equals CE on full logits at
 the masked positions, and the joint loss trains every part of the model."""
 
-import glob
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import packed_real_row, tiny_config
 
 from megatron_moca.errors import UserError
 from megatron_moca.models.heads import MAE_INIT_STD, initialize_mae_decoder
@@ -27,21 +25,7 @@ def _model(seed=0, **kw):
 @pytest.fixture(scope="module")
 def packed_inputs():
     """One packed row of real documents (two with an image, one text-only), as the loader gives it."""
-    import skimage
-
-    from megatron_moca.data.documents import PLACEHOLDER, from_record
-    from megatron_moca.data.samples import GreedyPacker, Stage1SampleBuilder, Stage1SampleConfig
-    from megatron_moca.data.tokenizer import QwenTokenizer
-
-    images = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")))[:2]
-    tok = QwenTokenizer()
-    builder = Stage1SampleBuilder(tok, Stage1SampleConfig(max_length=700, image_pipeline="cpu"))
-    docs = [from_record({"text": f"Figure {i}: {PLACEHOLDER} a test image, and some words.", "images": [images[i]]},
-                        f"doc{i}") for i in range(2)] + [from_record({"text": "plain text " * 30}, "doc2")]
-    packer = GreedyPacker(length=1600, pad_id=tok.pad_id, pad_to_multiple=16)
-    for i, d in enumerate(docs):
-        assert packer.add(builder.build(d, np.random.default_rng(i))) is None
-    row = packer.flush()
+    row = packed_real_row(max_length=700, pack_length=1600)
     return dict(row.model_inputs(), clean_pixels=row.pixel_frames)
 
 

@@ -127,11 +127,10 @@ def test_stage1_loss_on_gpu_equals_cpu(megatron_runtime, device="cuda", gpu_back
     documents) equals the CPU's (sdpa) in fp32, and its backward reaches the decoder."""
     import copy
 
-    from helpers import build_batch, tiny_config, two_documents_in_row0
+    from helpers import build_batch, stage1_targets, tiny_config, two_documents_in_row0
 
     from megatron_moca.models.heads import initialize_mae_decoder
     from megatron_moca.models.vlm import MocaVLM
-    from megatron_moca.objectives.masking import IGNORE_INDEX
     from megatron_moca.objectives.reconstruction import reconstruction_loss
 
     cfg = tiny_config()
@@ -144,13 +143,8 @@ def test_stage1_loss_on_gpu_equals_cpu(megatron_runtime, device="cuda", gpu_back
     model = MocaVLM(gpu_cfg, mae_decoder=True)
     model.load_state_dict(reference.state_dict())
     ids, mask, pixels, grid = build_batch(cfg, [[(1, 8, 8)], [(1, 4, 4)]], seed=5)
-    g = torch.Generator().manual_seed(1)
-    image = ids == cfg.tokens.image_token_id
-    batch = {"input_ids": ids, "document_ids": two_documents_in_row0(cfg, ids, mask),
-             "labels": torch.where(~image & mask.bool() & (torch.rand(ids.shape, generator=g) < 0.4), ids, IGNORE_INDEX),
-             "mae_token_mask": image & (torch.rand(ids.shape, generator=g) < 0.5),
-             "pixel_values": pixels, "image_grid_thw": grid}
-    batch["mae_targets"] = torch.randn(int(batch["mae_token_mask"].sum()), 4 * 1176, generator=g)
+    batch = {"input_ids": ids, "document_ids": two_documents_in_row0(cfg, ids, mask), "pixel_values": pixels,
+             "image_grid_thw": grid, **stage1_targets(cfg, ids, mask.bool(), seed=1)}
 
     def loss_on(net, dev):
         on = {k: v.to(dev) for k, v in batch.items()}
