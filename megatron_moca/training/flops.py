@@ -56,10 +56,12 @@ def vision_forward(cfg: VisionConfig, image_grids: Sequence[Tuple[int, int, int]
     patches = sum(t * h * w for t, h, w in image_grids)
     d, f = cfg.hidden_size, cfg.intermediate_size
     per_patch_block = 2 * (4 * d * d + 3 * d * f)
-    blocks = 0.0
-    for i in range(cfg.depth):
-        segments = layout.image_segments if i in set(cfg.fullatt_block_indexes) else layout.window_segments
-        blocks += per_patch_block * patches + sum(4 * n * n * d * count for n, count in segments.groups)
+    def attention(segments):
+        return sum(4 * n * n * d * count for n, count in segments.groups)
+
+    full = sum(0 <= i < cfg.depth for i in set(cfg.fullatt_block_indexes))
+    blocks = (cfg.depth * per_patch_block * patches + full * attention(layout.image_segments)
+              + (cfg.depth - full) * attention(layout.window_segments))
     merged = patches // cfg.merge_unit
     width = d * cfg.merge_unit
     merger = 2 * (width * width + width * llm_hidden) * merged
