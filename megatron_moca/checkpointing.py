@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,13 @@ def resolve_checkpoint(path: str) -> str:
     if not os.path.isfile(os.path.join(folder, MODEL_JSON)) or not os.path.isfile(os.path.join(folder, "metadata.json")):
         raise UserError(f"{folder}: not a complete megatron_moca checkpoint (needs {MODEL_JSON} and metadata.json)")
     return folder
+
+
+def checkpoint_has_prefix(folder: str, prefix: str) -> bool:
+    """Whether the dist checkpoint in `folder` holds any tensor whose key starts with `prefix`."""
+    from megatron.core import dist_checkpointing
+
+    return any(key.startswith(prefix) for key in dist_checkpointing.load_tensors_metadata(folder))
 
 
 def read_model_config(folder: str) -> ModelConfig:
@@ -80,10 +87,15 @@ def _materialize_views_releasing_params(sharded_state_dict, model) -> None:
 
 
 def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict = None,
-               release_params: bool = False) -> str:
-    """Collective: every rank calls it. Writes iter folder, then moves the tracker (atomic).
+               release_params: bool = False, training_state: Optional[Callable[[dict], dict]] = None,
+               content_metadata: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. Writes iter folder, then moves the tracker (atomic), so a
+    folder named by the tracker is always complete.
 
     release_params: bound host memory by freeing parameters as they are staged (model unusable after).
+    training_state: model sharded state dict -> more sharded state saved beside it (a trainer's
+    optimizer, schedule, data position); the model's tensors keep their keys, so `load_model` and the
+    converter read a training checkpoint like any other. extra: more JSON for moca_model.json.
     """
     from megatron.core import dist_checkpointing
 
@@ -96,7 +108,9 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
     state = model.sharded_state_dict()
     if release_params:
         _materialize_views_releasing_params(state, model)
-    dist_checkpointing.save(state, folder)
+    if training_state is not None:
+        state = {"model": state, **training_state(state)}
+    dist_checkpointing.save(state, folder, content_metadata=content_metadata)
     if rank0:
         with open(os.path.join(folder, MODEL_JSON), "w") as f:
             json.dump({"model": cfg.to_dict(), **(extra or {})}, f, indent=2)

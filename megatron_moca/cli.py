@@ -98,6 +98,24 @@ def _cmd_data_demo(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    import logging
+
+    from megatron_moca.config.pretrain import load_pretrain_config
+    from megatron_moca.training.pretrain import pretrain
+
+    rank = int(os.environ.get("RANK", "0"))
+    # rank 0 reports; the other ranks only warnings (torchrun interleaves every rank's output)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every bucket and option
+    cfg = load_pretrain_config(args.config, args.overrides)
+    record = pretrain(cfg)
+    if rank == 0 and record:
+        print(json.dumps({k: record[k] for k in ("step", "loss", "mlm_loss", "mae_loss")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
@@ -125,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-per-source", type=int, default=0, help="cap documents per source (0 = all)")
     demo.add_argument("--workers", type=int, default=0)
     demo.set_defaults(func=_cmd_data_demo)
+
+    pre = sub.add_parser("pretrain", help="MoCa stage 1 (joint MLM + MAE) on megatron-core; torchrun for >1 process")
+    pre.add_argument("--config", default=None, help="YAML recipe (examples/pretrain_*.yaml); default: built-in defaults")
+    pre.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides, e.g. train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b")
+    pre.set_defaults(func=_cmd_pretrain)
 
     convert = sub.add_parser("convert", help="checkpoint conversion between Hugging Face and Megatron")
     csub = convert.add_subparsers(dest="direction", required=True)

@@ -163,3 +163,31 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def write_stage1_shards(folder, documents=40, per_shard=16):
+    """A stage-1 shard folder of real scikit-image pictures: two in three documents open with a picture
+    followed by ~150 words, the rest are text only; with sample.max_length=100 and data.pack_length=128
+    every packed row then holds exactly one document (so runs with different data-parallel sizes see
+    the same global batches)."""
+    import glob
+    import json
+
+    import skimage
+
+    from megatron_moca.data.documents import Document
+    from megatron_moca.data.shards import MANIFEST, ShardWriter
+
+    pictures = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")), key=os.path.getsize)[:6]
+    data = [open(p, "rb").read() for p in pictures]
+    words = ("a photograph of an everyday scene with people and objects taken outdoors on a bright "
+             "afternoon near the old harbour").split()
+    writer = ShardWriter(str(folder), max_shard_bytes=1 << 40, max_shard_samples=per_shard)
+    for i in range(documents):
+        text = " ".join(words[(i * j + j) % len(words)] for j in range(150 + i % 20))
+        writer.write(Document(f"doc{i:03d}", [0, text], [data[i % len(data)]]) if i % 3
+                     else Document(f"doc{i:03d}", [text], []))
+    shards = writer.close()
+    with open(os.path.join(str(folder), MANIFEST), "w") as f:
+        json.dump({"shards": [vars(s) for s in shards]}, f)
+    return str(folder)

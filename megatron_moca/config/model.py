@@ -184,6 +184,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def expand_config(cls, values: dict, prefix: str = "model") -> dict:
+        """A config section's keys over the named preset's (`preset: tiny`; default: the 3B shapes)."""
+        from megatron_moca.config.loading import merge
+
+        values = dict(values)
+        name = values.pop("preset", None)
+        return merge(preset(name).to_dict(), values) if name else values
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

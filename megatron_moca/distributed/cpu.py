@@ -4,9 +4,11 @@ megatron-core assumes CUDA in a few spots that no config flag avoids (see shared
   * `torch.cuda.current_device()` for RoPE inv_freq, GlobalMemoryBuffer, TP mappings, p2p buffers;
   * literal `device="cuda"` tensors in the schedules, the optimizer and the default causal mask;
   * `torch.cuda.synchronize()` in dist-checkpoint save, `torch.cuda.current_stream()` in DDP;
+  * the optimizers' dtype checks by CUDA type name (`param.type() == 'torch.cuda.FloatTensor'`);
   * the RNG tracker (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`), which
     stores CUDA generator states.
-`install()` neutralises them: a torch-function mode rewrites CUDA device arguments to the CPU,
+`install()` neutralises them: a torch-function mode rewrites CUDA device arguments to the CPU (and
+answers `Tensor.type()` with the CUDA type name),
 `torch.cuda.current_device/synchronize/current_stream` become CPU-safe, and the RNG tracker is
 replaced by one that keeps CPU generator states with the same names and seed offsets. It is
 applied only when CUDA is unavailable and never touches a GPU process; `installed()` tells.
@@ -38,6 +40,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers check dtypes by CUDA type name ('torch.cuda.FloatTensor')
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         dev = kwargs.get("device")
         if dev is not None and _is_cuda_device(dev):
             kwargs = dict(kwargs, device="cpu")

@@ -87,6 +87,14 @@ class MocaVLM(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language.set_input_tensor(input_tensor)
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Read by megatron's finalize_model_grads (tied embeddings: first/last-stage grads summed)."""
+        return self.language.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language.shared_embedding_or_output_weight()
+
     def set_attention(self, mode: str) -> None:
         """Switch 'bidirectional' <-> 'causal' after construction (not with TE, which caches it)."""
         from megatron.core.transformer.enums import AttnMaskType

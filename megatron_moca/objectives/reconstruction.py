@@ -15,7 +15,7 @@ Runs on the last pipeline stage (megatron's schedules call it as the forward ste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -49,21 +49,25 @@ def mae_loss_sum(predictions: torch.Tensor, targets: torch.Tensor) -> Tuple[torc
 
 
 def reconstruction_loss(model, hidden: torch.Tensor, batch: Dict[str, torch.Tensor],
-                        cfg: ReconstructionConfig = ReconstructionConfig()) -> Tuple[torch.Tensor, Dict]:
-    """The joint loss of one micro-batch (means of its masked tokens / values) and its parts.
+                        cfg: ReconstructionConfig = ReconstructionConfig(), mlm_tokens: Optional[int] = None,
+                        mae_values: Optional[int] = None) -> Tuple[torch.Tensor, Dict]:
+    """The joint loss of one micro-batch and its parts.
 
     batch: PackedBatch.model_inputs (input_ids, position_ids, document_ids, labels, mae_token_mask,
-    pixel_values, image_grid_thw, mae_targets). Parts: mlm_loss, mae_loss (detached), and the sums
-    and counts behind them (mlm_sum, mlm_count, mae_sum, mae_count)."""
+    pixel_values, image_grid_thw, mae_targets). Each part is its sum divided by this micro-batch's count
+    (masked tokens, masked values), or by mlm_tokens / mae_values where given: the counts of the whole
+    global batch, which makes the sum over micro-batches and ranks the per-token loss of the step.
+    Parts: mlm_loss, mae_loss (detached, as normalised here), and the sums and counts behind them
+    (mlm_sum, mlm_count, mae_sum, mae_count)."""
     mlm_sum, mlm_count = mlm_loss_sum(model, hidden, batch["labels"])
-    loss = mlm_sum / max(mlm_count, 1)
+    loss = mlm_sum / max(mlm_tokens if mlm_tokens is not None else mlm_count, 1)
     parts = {"mlm_sum": mlm_sum.detach(), "mlm_count": mlm_count, "mlm_loss": loss.detach()}
     select = batch["mae_token_mask"]
     if batch.get("mae_targets") is not None and bool(select.any()):
         predictions = model.mae_predictions(hidden, select, batch["input_ids"], batch.get("position_ids"),
                                             batch.get("document_ids"), batch.get("image_grid_thw"))
         mae_sum, mae_count = mae_loss_sum(predictions, batch["mae_targets"])
-        mae = mae_sum / mae_count
+        mae = mae_sum / (mae_values if mae_values is not None else mae_count)
         loss = loss + cfg.mae_weight * mae
     else:  # no noised image token in this micro-batch: no image term
         mae_sum, mae_count = hidden.new_zeros((), dtype=torch.float32), 0

@@ -1,0 +1,197 @@
+"""The stage-1 (`moca pretrain`) configuration: YAML sections with Megatron's key names.
+
+    model:      ModelConfig (+ `preset: tiny | qwen25vl_3b | qwen25vl_7b`)
+    parallel:   tensor/pipeline model parallel sizes, distributed optimizer
+    train:      iterations, micro/global batch, seed
+    optim:      AdamW, clipping, LR warmup + decay
+    checkpoint: save / save_interval / load
+    logging:    log_interval, TensorBoard
+    data:       shard folders and blending (data.loader.LoaderConfig)
+    sample:     masking and image settings (data.samples.Stage1SampleConfig)
+    objective:  mae_weight (objectives.reconstruction.ReconstructionConfig)
+
+`validate(world_size)` checks everything that can be checked before any process-group work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_moca.config.model import ModelConfig
+from megatron_moca.data.loader import LoaderConfig
+from megatron_moca.data.samples import Stage1SampleConfig
+from megatron_moca.errors import UserError
+from megatron_moca.objectives.reconstruction import ReconstructionConfig
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over the processes torchrun starts."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that shard each layer (must divide the KV heads)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages (must divide the LLM's layers); the vision tower sits on the first."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter/all-reduce with the backward pass (GPU clusters). Every
+    parameter then needs a gradient on every step, so text-only batches run the vision tower on a
+    dummy image (MocaVLM vision_on_text_batches)."""
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run and the batch."""
+
+    train_iters: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Packed rows per forward pass on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Packed rows per optimizer step over all data-parallel ranks (micro batches are accumulated)."""
+    seed: int = 1234
+    """Seed of parameter initialisation (data order and masking: data.seed)."""
+    exit_interval: Optional[int] = None
+    """Save and stop after the first iteration divisible by this (a job's time slice; rerun to go on)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, gradient clipping and Megatron's LR schedule. Defaults: the
+    MoCa reference's stage-1 settings (spec moca-method.md)."""
+
+    lr: float = 2e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 5.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    lr_warmup_iters: Optional[int] = None
+    """Iterations of linear warmup from 0 (None: lr_warmup_fraction of the decay iterations)."""
+    lr_warmup_fraction: float = 0.1
+    """Warmup as a fraction of lr_decay_iters, where lr_warmup_iters is not set."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the LR decays to min_lr (default: train_iters)."""
+    lr_decay_style: str = "linear"
+    """One of constant, linear, cosine, inverse-square-root, WSD."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the run directory is and what it starts from."""
+
+    save: Optional[str] = None
+    """Run directory: config.yaml, metrics.jsonl, iter_XXXXXXX/, latest_checkpointed_iteration.txt.
+    A run whose directory already holds a checkpoint resumes from it."""
+    save_interval: int = 500
+    """Save every this many iterations (and at the end)."""
+    load: Optional[str] = None
+    """Starting weights for a fresh run: a `moca convert hf-to-mcore` folder (or any run directory or
+    iter_ folder); the MAE decoder starts from LLM layer L//2. None: random initialisation."""
+    optim_fully_reshardable: bool = False
+    """Save optimizer state in the layout that loads at another TP/PP (gathers on DP rank 0); the
+    default layout is written by every rank in parallel and reloads at the same TP/PP."""
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 reports."""
+
+    log_interval: int = 10
+    """Iterations per log line (and metrics.jsonl record)."""
+    tensorboard_dir: Optional[str] = None
+    """Mirror the metrics to TensorBoard here (default: <save>/tensorboard when tensorboard imports)."""
+    peak_tflops: Optional[float] = None
+    """Dense bf16 peak of one device for MFU (default: known GPUs by name; no MFU on the CPU)."""
+
+
+@dataclass
+class PretrainConfig:
+    """MoCa stage 1: modality-aware continual pre-training with the joint reconstruction loss."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    sample: Stage1SampleConfig = field(default_factory=Stage1SampleConfig)
+    objective: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    tokenizer: Optional[str] = None
+    """Qwen tokenizer folder (default: the copy data.tokenizer finds; see spec data-sources)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+
+    def validate(self, world_size: int) -> None:
+        """Raise UserError on the first bad setting; no process group is needed."""
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        self.model.validate(tp, pp)
+        if world_size % (tp * pp):
+            raise UserError(f"world size {world_size} (torchrun processes) is not a multiple of "
+                            f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp}")
+        dp = self.data_parallel_size(world_size)
+        t = self.train
+        if t.train_iters < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
+            raise UserError("train.train_iters, train.micro_batch_size and train.global_batch_size must be >= 1")
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        o = self.optim
+        if o.lr_decay_style not in LR_DECAY_STYLES:
+            raise UserError(f"optim.lr_decay_style={o.lr_decay_style!r}: expected one of {LR_DECAY_STYLES}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise UserError(f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if not 0 <= o.lr_warmup_fraction <= 1:
+            raise UserError(f"optim.lr_warmup_fraction={o.lr_warmup_fraction}: must be within 0..1")
+        if not 0 <= self.lr_warmup_iters <= self.lr_decay_iters:
+            raise UserError(f"optim.lr_warmup_iters={self.lr_warmup_iters} must be within 0..lr_decay_iters "
+                            f"({self.lr_decay_iters})")
+        c = self.checkpoint
+        if not c.save:
+            raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage1)")
+        if c.save_interval < 1 or self.logging.log_interval < 1:
+            raise UserError("checkpoint.save_interval and logging.log_interval must be >= 1")
+        if c.load and not os.path.isdir(c.load):
+            raise UserError(f"checkpoint.load={c.load}: no such directory")
+        if not self.data.paths:
+            raise UserError("data.paths is empty: name at least one shard folder (moca data prepare / demo)")
+        for path in self.data.paths:
+            if not os.path.isfile(os.path.join(path, "manifest.json")):
+                raise UserError(f"data.paths: {path} has no manifest.json (write shards with `moca data "
+                                "prepare` or `moca data demo`)")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
+            raise UserError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} paths")
+        if self.data.pack_length < 16:
+            raise UserError(f"data.pack_length={self.data.pack_length}: too short for a document")
+        if not 0 < self.objective.mae_weight:
+            raise UserError(f"objective.mae_weight={self.objective.mae_weight}: must be > 0")
+
+    @property
+    def lr_decay_iters(self) -> int:
+        return self.optim.lr_decay_iters or self.train.train_iters
+
+    @property
+    def lr_warmup_iters(self) -> int:
+        o = self.optim
+        return o.lr_warmup_iters if o.lr_warmup_iters is not None else int(o.lr_warmup_fraction * self.lr_decay_iters)
+
+
+def load_pretrain_config(path: Optional[str], overrides: Sequence[str] = ()) -> PretrainConfig:
+    from megatron_moca.config.loading import load_config
+
+    return load_config(PretrainConfig, path, overrides)

@@ -1,0 +1,95 @@
+"""Rank 0's record of a run: one dense log line per log_interval, <save>/metrics.jsonl, TensorBoard.
+
+After torchtitan's components/metrics.py (MFU from a FLOP count and the device's peak, one line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+from typing import Dict, Optional
+
+import torch
+
+log = logging.getLogger("megatron_moca.train")
+
+# dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity)
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "H800": 989.4, "B200": 2250.0,
+                    "B300": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
+    """The bf16 peak for MFU: the configured value, else the GPU's by name; None on the CPU."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def memory_gib() -> float:
+    """Peak device memory of this process (GPU), or its peak resident set (CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step; on resume drops records past the resumed iteration
+    (they were logged by the killed run and are logged again)."""
+
+    def __init__(self, run_dir: str, resumed_iteration: int, tensorboard_dir: Optional[str] = None):
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_iteration]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self.tensorboard = self._tensorboard(tensorboard_dir or os.path.join(run_dir, "tensorboard"),
+                                             explicit=tensorboard_dir is not None)
+
+    @staticmethod
+    def _tensorboard(folder: str, explicit: bool):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            if explicit:
+                log.warning("logging.tensorboard_dir is set but tensorboard is not installed")
+            return None
+        return SummaryWriter(folder)
+
+    def write(self, record: Dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None and math.isfinite(value):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def log_line(record: Dict[str, float], train_iters: int) -> str:
+    """The one dense line rank 0 prints."""
+    r = record
+    parts = [f"iter {r['step']}/{train_iters}", f"loss {r['loss']:.4f}", f"mlm {r['mlm_loss']:.4f}",
+             f"mae {r['mae_loss']:.4f}", f"grad_norm {r['grad_norm']:.3f}", f"lr {r['lr']:.3e}",
+             f"tok/s/gpu {r['tokens_per_s_per_gpu']:.0f}", f"TFLOP/s/gpu {r['tflops_per_gpu']:.2f}"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts += [f"mem {r['mem_gib']:.1f}GiB", f"data {100 * r['data_wait_frac']:.0f}%"]
+    return " | ".join(parts)

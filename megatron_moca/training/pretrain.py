@@ -1,0 +1,222 @@
+"""`moca pretrain`: MoCa stage 1 on megatron-core (TP x PP x DP, one process per device).
+
+    model     MocaVLM with the MAE decoder; from checkpoint.load (a converted HF model) or random, the
+              decoder from LLM layer L//2; megatron DDP + (distributed) AdamW + LR schedule
+    data      Stage1Loader (per DP rank) -> packed rows -> micro-batches (training/batches.py)
+    step      megatron's get_forward_backward_func (no pipelining / 1F1B), joint MLM + MAE loss on the
+              last stage normalised by the global batch's masked-token and masked-value counts
+    record    metrics.jsonl + one log line per log_interval; checkpoints every save_interval and at the
+              end; automatic exact resume from <save>'s latest checkpoint
+Small entry point after torchtitan's train.py / trainer.py and Megatron-LM's run_simple_mcore_train_loop.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moca.config.loading import to_dict
+from megatron_moca.config.pretrain import PretrainConfig
+from megatron_moca.errors import UserError
+
+log = logging.getLogger("megatron_moca.train")
+
+CONFIG_FILE = "config.yaml"
+
+
+class TrainingError(UserError):
+    """The run cannot go on (e.g. a non-finite loss); the last checkpoint is intact."""
+
+
+def _write_config(cfg: PretrainConfig) -> None:
+    import yaml
+
+    path = os.path.join(cfg.checkpoint.save, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def build_model(cfg: PretrainConfig, device: torch.device):
+    """The stage-1 model for this rank's pipeline stage, with its starting weights."""
+    from megatron_moca.checkpointing import checkpoint_has_prefix, load_model, resolve_checkpoint
+    from megatron_moca.models.heads import initialize_mae_decoder
+    from megatron_moca.models.vlm import MocaVLM
+
+    model = MocaVLM(cfg.model, mae_decoder=True,
+                    vision_on_text_batches=cfg.parallel.overlap_grad_reduce).to(device)
+    with_decoder = False
+    if cfg.checkpoint.load:
+        folder = resolve_checkpoint(cfg.checkpoint.load)
+        with_decoder = checkpoint_has_prefix(folder, "mae_decoder.")
+        load_model(model, folder, without=() if with_decoder else ("mae_decoder.",))
+        log.info("loaded starting weights from %s%s", folder, "" if with_decoder else " (MAE decoder from layer L//2)")
+    if not with_decoder:
+        initialize_mae_decoder(model)
+    return model
+
+
+def _forward_step(data_iterator, model, cfg: PretrainConfig, step):
+    """megatron's forward_step_func: the model on one micro-batch and, on the last stage, the loss."""
+    from megatron_moca.objectives.reconstruction import reconstruction_loss
+
+    batch = next(data_iterator)
+    hidden = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"],
+                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    inner = model.module
+    if not inner.post_process:
+        return hidden, None  # not reached: megatron calls the loss only on the last stage
+
+    def loss_func(output):
+        loss, parts = reconstruction_loss(inner, output, batch, cfg.objective, mlm_tokens=step.mlm_tokens,
+                                          mae_values=step.mae_values)
+        return loss * step.loss_scale, {"mlm_sum": parts["mlm_sum"], "mae_sum": parts["mae_sum"]}
+
+    return hidden, loss_func
+
+
+def _reduce_step(losses, local_flops: float, layout, dtype=torch.float64) -> Dict[str, float]:
+    """mlm_sum, mae_sum (from the last stage) and the model FLOPs of the whole global batch, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    mlm = sum(float(d["mlm_sum"]) for d in losses) if layout.is_last_stage else 0.0
+    mae = sum(float(d["mae_sum"]) for d in losses) if layout.is_last_stage else 0.0
+    # every stage of a replica counts the same FLOPs: /pp, summed over the pipeline group
+    values = torch.tensor([mlm, mae, local_flops / layout.pipeline_model_parallel_size], dtype=dtype,
+                          device=layout.device)
+    if layout.pipeline_model_parallel_size > 1:
+        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    if layout.data_parallel_size > 1:
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+    mlm, mae, flops = values.tolist()
+    return {"mlm_sum": mlm, "mae_sum": mae, "flops": flops}
+
+
+def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
+    """Run (or resume) stage 1; returns the last logged metrics record."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_moca.data.loader import Stage1Loader, stage1_builder_factory
+    from megatron_moca.distributed import runtime
+    from megatron_moca.training.batches import StepBatches
+    from megatron_moca.training.flops import step_shape_of, training_step_flops
+    from megatron_moca.training.metrics import MetricsWriter, device_peak_tflops, log_line, memory_gib
+    from megatron_moca.training.optimizer import setup
+    from megatron_moca.training.state import has_checkpoint, load_training_checkpoint, save_training_checkpoint
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world)
+    p = cfg.parallel
+    layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed)
+    rank0 = layout.rank == 0
+    save = cfg.checkpoint.save
+    if rank0:
+        os.makedirs(save, exist_ok=True)
+        _write_config(cfg)
+    resuming = has_checkpoint(save)
+    model = build_model(cfg, layout.device) if not resuming else _bare_model(cfg, layout.device)
+    ddp_model, optimizer, scheduler = setup(cfg, model)
+    iteration, loader_state = 0, None
+    if resuming:
+        resumed = load_training_checkpoint(cfg, layout, model, optimizer, scheduler)
+        iteration, loader_state = resumed.iteration, resumed.loader_state
+        if rank0:
+            log.info("resumed from %s at iteration %d", resumed.folder, iteration)
+
+    num_micro = cfg.num_microbatches(world)
+    tokens = cfg.model.tokens
+    loader = Stage1Loader(cfg.data, stage1_builder_factory(cfg.tokenizer, cfg.sample), tokens.pad_token_id,
+                          tokens.image_token_id, layout.dp_rank, layout.data_parallel_size, state=loader_state)
+    batches = StepBatches(iter(loader), num_micro, cfg.train.micro_batch_size, layout.device,
+                          getattr(torch, cfg.model.params_dtype), _image_decoder(cfg),
+                          ps.get_data_parallel_group())
+    seq_length = -(-cfg.data.pack_length // cfg.data.pad_to_multiple) * cfg.data.pad_to_multiple
+    forward_backward = get_forward_backward_func()
+    metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
+    peak = device_peak_tflops(cfg.logging.peak_tflops)
+    record: Dict[str, float] = {}
+    window = {"seconds": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "steps": 0}
+    last_saved = iteration
+    try:
+        while iteration < cfg.train.train_iters:
+            start = time.perf_counter()
+            step = next(batches)
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses = forward_backward(
+                forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
+                data_iterator=iter(step.micro_batches), model=[ddp_model], num_microbatches=num_micro,
+                seq_length=seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            updated, grad_norm, _ = optimizer.step()
+            if updated:
+                scheduler.step(increment=1)
+            iteration += 1
+            local_flops = sum(training_step_flops(cfg.model, step_shape_of(b, cfg.model.attention == "causal"))
+                              for b in step.micro_batches)
+            sums = _reduce_step(losses, local_flops, layout)
+            mlm = sums["mlm_sum"] / max(step.mlm_tokens, 1)
+            mae = sums["mae_sum"] / step.mae_values if step.mae_values else 0.0
+            loss = mlm + cfg.objective.mae_weight * mae
+            if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                raise TrainingError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at iteration "
+                                    f"{iteration}; the run stopped, its last checkpoint ({last_saved}) is intact "
+                                    "- lower optim.lr or check the data")
+            elapsed = time.perf_counter() - start
+            for key, value in (("seconds", elapsed), ("data", step.data_seconds), ("tokens", step.tokens),
+                               ("flops", sums["flops"]), ("steps", 1)):
+                window[key] += value
+            if iteration % cfg.logging.log_interval == 0 or iteration == cfg.train.train_iters:
+                seconds = window["seconds"]
+                tflops = window["flops"] / seconds / world / 1e12
+                record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "tokens_per_s": window["tokens"] / seconds,
+                          "tokens_per_s_per_gpu": window["tokens"] / seconds / world,
+                          "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                          "mem_gib": memory_gib(), "data_wait_frac": window["data"] / seconds,
+                          "skipped_updates": 0 if updated else 1}
+                window = dict.fromkeys(window, 0)
+                if rank0:
+                    metrics.write(record)
+                    log.info(log_line(record, cfg.train.train_iters))
+            exiting = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
+            if iteration % cfg.checkpoint.save_interval == 0 or iteration == cfg.train.train_iters or exiting:
+                save_training_checkpoint(cfg, layout, model, optimizer, scheduler, iteration, loader.state_dict())
+                last_saved = iteration
+                if rank0:
+                    log.info("saved iteration %d to %s", iteration, save)
+            if exiting and iteration < cfg.train.train_iters:
+                if rank0:
+                    log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
+                break
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return record
+
+
+def _bare_model(cfg: PretrainConfig, device: torch.device):
+    """The model a resumed run loads its checkpoint into (no starting weights needed)."""
+    from megatron_moca.models.vlm import MocaVLM
+
+    return MocaVLM(cfg.model, mae_decoder=True, vision_on_text_batches=cfg.parallel.overlap_grad_reduce).to(device)
+
+
+def _image_decoder(cfg: PretrainConfig):
+    from megatron_moca.data.samples import resolve_image_pipeline
+
+    if resolve_image_pipeline(cfg.sample.image_pipeline) != "dali":
+        return None
+    from megatron_moca.data.dali import DaliImageDecoder
+
+    return DaliImageDecoder(cfg.sample.image)

@@ -1,0 +1,167 @@
+"""Training checkpoints: model + optimizer + LR schedule + each data-parallel rank's loader position
++ every rank's RNG, in one megatron dist checkpoint (checkpointing.save_model's layout), so that a
+killed run resumes exactly: same rows, same RNG streams, same losses.
+
+Per-rank state is a ShardedObject: loader positions indexed by DP rank (written by TP 0 / PP 0 of each
+replica), RNG states indexed by global rank. The run's layout is recorded in moca_model.json; resuming
+needs the same data-parallel size (the loader positions are per DP rank) and, unless the optimizer
+was saved fully reshardable, the same TP x PP. After Megatron-LM's megatron/training/checkpointing.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moca.checkpointing import MODEL_JSON, TRACKER, resolve_checkpoint, save_model
+from megatron_moca.config.pretrain import PretrainConfig
+from megatron_moca.distributed.runtime import ParallelLayout
+from megatron_moca.errors import UserError
+from megatron_moca.training.optimizer import prime_optimizer_state
+
+
+@dataclass
+class Resumed:
+    iteration: int
+    loader_state: dict
+    folder: str
+
+
+def _optimizer_metadata(cfg: PretrainConfig) -> dict:
+    kind = "fully_reshardable" if cfg.checkpoint.optim_fully_reshardable else "dp_reshardable"
+    return {"distrib_optim_sharding_type": kind}
+
+
+def _layout_dict(layout: ParallelLayout) -> dict:
+    return {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": layout.pipeline_model_parallel_size,
+            "data_parallel_size": layout.data_parallel_size}
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _per_rank_objects(layout: ParallelLayout, loader_state: Optional[dict], rng: Optional[dict]) -> dict:
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    model_parallel_replica = (layout.tp_rank, layout.pp_rank)
+    return {
+        "loader": ShardedObject("moca_loader_state", loader_state, (layout.data_parallel_size,),
+                                (layout.dp_rank,), replica_id=model_parallel_replica),
+        "rng": ShardedObject("moca_rng_state", rng, (layout.world_size,), (layout.rank,), replica_id=0),
+    }
+
+
+def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model, optimizer, scheduler,
+                             iteration: int, loader_state: dict) -> str:
+    """Collective. Writes <save>/iter_XXXXXXX and then moves the tracker to it."""
+    metadata = _optimizer_metadata(cfg)
+
+    def training_state(model_state):
+        return {"optimizer": optimizer.sharded_state_dict(model_state, metadata=metadata),
+                **_per_rank_objects(layout, loader_state, _rng_state())}
+
+    # the plain optimizer's state is keyed by parameter (reshards like the model); the distributed
+    # optimizer's only in the fully reshardable layout
+    reshardable = not cfg.parallel.use_distributed_optimizer or cfg.checkpoint.optim_fully_reshardable
+    extra = {"iteration": iteration, "layout": _layout_dict(layout), "scheduler": scheduler.state_dict(),
+             "optimizer_metadata": metadata, "optimizer_reshardable": reshardable}
+    return save_model(model, cfg.model, cfg.checkpoint.save, iteration, extra=extra,
+                      training_state=training_state, content_metadata=metadata)
+
+
+def _restore_step_counters(optimizer) -> None:
+    """Without TE/apex, torch's AdamW keeps a `step` tensor per parameter (its bias correction).
+    megatron's distributed optimizer saves the true count in the param groups, but restores the
+    per-parameter tensors from the (primed) request rather than the checkpoint, and, where it does set
+    them, as ONE tensor shared by every parameter (multi-tensor AdamW would then add 1 to it once per
+    parameter). Each parameter gets its own counter with the saved count, as a run that never stopped has."""
+    from megatron_moca.training.optimizer import inner_optimizers
+
+    for opt in inner_optimizers(optimizer):
+        for group in opt.param_groups:
+            if "step" not in group:  # TE/apex fused Adam: the count lives in the group itself
+                continue
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
+def has_checkpoint(root: Optional[str]) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
+
+
+def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model, optimizer,
+                             scheduler) -> Resumed:
+    """Restore everything save_training_checkpoint wrote from <save>'s latest iteration."""
+    from megatron.core import dist_checkpointing
+
+    folder = resolve_checkpoint(cfg.checkpoint.save)
+    with open(os.path.join(folder, MODEL_JSON)) as f:
+        meta = json.load(f)
+    if "iteration" not in meta:
+        raise UserError(f"{folder}: a model checkpoint without training state (a converted model?); name it "
+                        "with checkpoint.load and use a new checkpoint.save directory")
+    saved, now = meta["layout"], _layout_dict(layout)
+    if saved["data_parallel_size"] != now["data_parallel_size"]:
+        raise UserError(f"{folder} was saved with {saved['data_parallel_size']} data-parallel ranks, this run has "
+                        f"{now['data_parallel_size']}: the data position is per rank; resume with the same "
+                        "world size / TP / PP")
+    same_model_layout = saved == now
+    if not same_model_layout and not meta["optimizer_reshardable"]:
+        raise UserError(f"{folder} was saved at TP={saved['tensor_model_parallel_size']} PP="
+                        f"{saved['pipeline_model_parallel_size']} and this run is at TP="
+                        f"{now['tensor_model_parallel_size']} PP={now['pipeline_model_parallel_size']}: its distributed "
+                        "optimizer state reloads only at the saved layout; resume with it (runs that must change "
+                        "layout save with checkpoint.optim_fully_reshardable=true)")
+    prime_optimizer_state(optimizer)
+    model_state = model.sharded_state_dict()
+    request = {"model": model_state,
+               "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                         metadata=meta["optimizer_metadata"]),
+               **_per_rank_objects(layout, None, None)}
+    if not same_model_layout:  # RNG states belong to the saved ranks
+        request.pop("rng")
+    loaded = dist_checkpointing.load(request, folder)
+    model.load_state_dict(loaded["model"])
+    with torch.no_grad():  # fp32 runs: the distributed optimizer's main params are views of the parameters
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_step_counters(optimizer)
+    scheduler.load_state_dict(meta["scheduler"])
+    if "rng" in loaded:
+        _set_rng_state(loaded["rng"])
+    if dist.is_initialized():
+        dist.barrier()
+    return Resumed(int(meta["iteration"]), loaded["loader"], folder)
