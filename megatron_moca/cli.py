@@ -116,6 +116,13 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from megatron_moca.demo import run_demo
+
+    run_demo(args.workdir, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
@@ -149,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b")
     pre.set_defaults(func=_cmd_pretrain)
+
+    demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export "
+                                           "-> verify (rerun to continue)")
+    demo_run.add_argument("--workdir", default="moca_demo", help="where shards, the run and the export go")
+    demo_run.set_defaults(func=_cmd_demo)
 
     convert = sub.add_parser("convert", help="checkpoint conversion between Hugging Face and Megatron")
     csub = convert.add_subparsers(dest="direction", required=True)

@@ -19,6 +19,13 @@ def test_cli_help_lists_contract_commands():
         assert name in proc.stdout
 
 
+def test_cli_help_lists_the_stage1_and_demo_commands():
+    proc = subprocess.run([sys.executable, "-m", "megatron_moca.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for name in ("pretrain", "demo", "convert", "data", "env"):
+        assert name in proc.stdout
+
+
 def test_moca_env_reports_the_choices_a_run_would_make_without_importing_gpu_packages():
     code = ("import sys\nfrom megatron_moca.cli import main\nrc = main(['env'])\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('transformer_engine', 'flash_attn', 'apex')"
