@@ -165,21 +165,23 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def write_stage1_shards(folder, documents=40, per_shard=16):
-    """A stage-1 shard folder of real scikit-image pictures: two in three documents open with a picture
-    followed by ~150 words, the rest are text only; with sample.max_length=100 and data.pack_length=128
-    every packed row then holds exactly one document (so runs with different data-parallel sizes see
-    the same global batches)."""
+def write_stage1_shards(folder, documents=40, per_shard=16, pictures=None):
+    """A stage-1 shard folder: two in three documents open with a picture followed by ~150 words, the
+    rest are text only; with sample.max_length=100 and data.pack_length=128 every packed row then holds
+    exactly one document (so runs with different data-parallel sizes see the same global batches).
+    pictures: encoded images to use (default: the real photographs shipped in scikit-image)."""
     import glob
     import json
-
-    import skimage
 
     from megatron_moca.data.documents import Document
     from megatron_moca.data.shards import MANIFEST, ShardWriter
 
-    pictures = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")), key=os.path.getsize)[:6]
-    data = [open(p, "rb").read() for p in pictures]
+    if pictures is None:
+        import skimage
+
+        paths = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")), key=os.path.getsize)
+        pictures = [open(p, "rb").read() for p in paths[:6]]
+    data = pictures
     words = ("a photograph of an everyday scene with people and objects taken outdoors on a bright "
              "afternoon near the old harbour").split()
     writer = ShardWriter(str(folder), max_shard_bytes=1 << 40, max_shard_samples=per_shard)

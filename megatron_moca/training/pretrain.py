@@ -156,6 +156,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                 forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
                 data_iterator=iter(step.micro_batches), model=[ddp_model], num_microbatches=num_micro,
                 seq_length=seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
             updated, grad_norm, _ = optimizer.step()
             if updated:
                 scheduler.step(increment=1)
@@ -178,7 +179,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                 seconds = window["seconds"]
                 tflops = window["flops"] / seconds / world / 1e12
                 record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae,
-                          "lr": optimizer.param_groups[0]["lr"],
+                          "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                           "tokens_per_s": window["tokens"] / seconds,
                           "tokens_per_s_per_gpu": window["tokens"] / seconds / world,
