@@ -40,7 +40,8 @@ def build_optimizer(cfg: PretrainConfig, ddp_model):
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
         lr_decay_steps=cfg.lr_decay_iters, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay,
         end_wd=o.weight_decay, wd_incr_steps=cfg.lr_decay_iters, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False,
+        # the config wins over a resumed checkpoint's schedule (e.g. train_iters raised to train longer)
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         wsd_decay_steps=cfg.lr_decay_iters - cfg.lr_warmup_iters if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if o.lr_decay_style == "WSD" else None)
     return optimizer, scheduler

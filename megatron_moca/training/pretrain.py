@@ -119,9 +119,6 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed)
     rank0 = layout.rank == 0
     save = cfg.checkpoint.save
-    if rank0:
-        os.makedirs(save, exist_ok=True)
-        _write_config(cfg)
     resuming = has_checkpoint(save)
     model = build_model(cfg, layout.device) if not resuming else _bare_model(cfg, layout.device)
     ddp_model, optimizer, scheduler = setup(cfg, model)
@@ -131,6 +128,9 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
         iteration, loader_state = resumed.iteration, resumed.loader_state
         if rank0:
             log.info("resumed from %s at iteration %d", resumed.folder, iteration)
+    if rank0:  # only now: a resume refused above leaves the run directory as it was
+        os.makedirs(save, exist_ok=True)
+        _write_config(cfg)
 
     num_micro = cfg.num_microbatches(world)
     tokens = cfg.model.tokens

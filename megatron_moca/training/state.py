@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_moca.checkpointing import MODEL_JSON, TRACKER, resolve_checkpoint, save_model
+from megatron_moca.checkpointing import MODEL_JSON, TRACKER, read_model_config, resolve_checkpoint, save_model
 from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.distributed.runtime import ParallelLayout
 from megatron_moca.errors import UserError
@@ -134,6 +134,12 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     if "iteration" not in meta:
         raise UserError(f"{folder}: a model checkpoint without training state (a converted model?); name it "
                         "with checkpoint.load and use a new checkpoint.save directory")
+    saved_model = read_model_config(folder).to_dict()
+    ours = cfg.model.to_dict()
+    differ = sorted(k for k in ours if k != "attention_backend" and saved_model.get(k) != ours[k])
+    if differ:
+        raise UserError(f"checkpoint.save={cfg.checkpoint.save} holds a run of another model (model.{differ[0]} "
+                        "differs): resume with that run's config.yaml, or name a new checkpoint.save")
     saved, now = meta["layout"], _layout_dict(layout)
     if saved["data_parallel_size"] != now["data_parallel_size"]:
         raise UserError(f"{folder} was saved with {saved['data_parallel_size']} data-parallel ranks, this run has "
@@ -162,6 +168,10 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     scheduler.load_state_dict(meta["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
+    sources = len(loaded["loader"]["counts"])
+    if sources != len(cfg.data.paths):
+        raise UserError(f"{folder}: the run read {sources} data source(s), data.paths now names "
+                        f"{len(cfg.data.paths)}: resume with the same data.paths")
     if dist.is_initialized():
         dist.barrier()
     return Resumed(int(meta["iteration"]), loaded["loader"], folder)

@@ -4,6 +4,7 @@ kill-and-resume, and TP=2 / PP=2 / DP=2 runs equal to one process (gloo, torchru
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,11 @@ def test_exit_interval_saves_and_stops(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in metrics(save)] == [1, 2]
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "2"
+    # the schedule follows the config on resume (megatron would refuse a changed length): finished at 3
+    proc = run_moca(*pretrain_args(shards, save, "train.train_iters=3", "checkpoint.save_interval=100"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics(save)
+    assert [r["step"] for r in records] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -129,6 +135,22 @@ def test_bad_settings_fail_before_any_work(shards, tmp_path, bad, message):
     proc = run_moca(*pretrain_args(shards, str(save), *bad))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not save.exists()
+
+
+def test_resuming_with_another_model_or_data_is_refused_and_changes_nothing(reference_run, shards, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "latest_checkpointed_iteration.txt"):
+        shutil.copy(os.path.join(reference_run[0], name), save / name)
+    shutil.copytree(os.path.join(reference_run[0], "iter_0000008"), save / "iter_0000008")
+    before = {name: (save / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    proc = run_moca(*pretrain_args(shards, str(save), "train.train_iters=9", "model.language.num_layers=2"))
+    assert proc.returncode == 2 and "holds a run of another model (model.language differs)" in proc.stderr, \
+        proc.stderr[-2000:]
+    proc = run_moca(*pretrain_args(f"{shards},{shards}", str(save), "train.train_iters=9"))
+    assert proc.returncode == 2 and "the run read 1 data source(s), data.paths now names 2" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert {name: (save / name).read_bytes() for name in before} == before
 
 
 def test_data_path_without_manifest_is_named(tmp_path):
