@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from megatron_moca.errors import UserError
 
 ATTENTION_MODES = ("bidirectional", "causal")
 ATTENTION_BACKENDS = ("auto", "te", "flash", "flex", "sdpa", "local")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 @dataclass
@@ -136,6 +138,13 @@ class ModelConfig:
     """Core attention: auto | te | flash | flex | sdpa | local (see megatron_moca.models.specs)."""
     params_dtype: str = "float32"
     """Parameter dtype: float32 (CPU tests, master weights) or bfloat16."""
+    fp8: Optional[str] = None
+    """FP8 GEMMs in the LLM's layers through Transformer Engine (the te backend, Hopper or newer):
+    None (off), 'hybrid' (e4m3 forward, e5m2 gradients: the usual training choice) or 'e4m3'. The vision
+    tower, the output layer and the MAE decoder stay in params_dtype. Rows should be padded to a multiple
+    of 16 (data.pad_to_multiple)."""
+    fp8_recipe: str = "delayed"
+    """Transformer Engine's scaling recipe: delayed, tensorwise, blockwise or mxfp8 (Blackwell)."""
 
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
         """Raise UserError naming the first inconsistent field."""
@@ -147,6 +156,14 @@ class ModelConfig:
                 f"model.attention_backend={self.attention_backend!r}: expected one of {ATTENTION_BACKENDS}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise UserError(f"model.params_dtype={self.params_dtype!r}: expected one of {PARAMS_DTYPES}")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_FORMATS:
+                raise UserError(f"model.fp8={self.fp8!r}: expected null or one of {FP8_FORMATS}")
+            if self.fp8_recipe not in FP8_RECIPES:
+                raise UserError(f"model.fp8_recipe={self.fp8_recipe!r}: expected one of {FP8_RECIPES}")
+            if self.attention_backend not in ("auto", "te"):
+                raise UserError(f"model.fp8 runs through Transformer Engine: attention_backend must be 'te' or "
+                                f"'auto', not {self.attention_backend!r}")
         if lang.hidden_size % lang.num_attention_heads:
             raise UserError("model.language.hidden_size must be divisible by num_attention_heads")
         if lang.num_attention_heads % lang.num_query_groups:

@@ -60,6 +60,10 @@ class MocaVLM(MegatronModule):
         self.pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
         self.post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
         self.backend = resolve_backend(cfg.attention_backend)
+        if cfg.fp8 and self.backend != "te":
+            raise UserError(f"model.fp8={cfg.fp8!r} needs Transformer Engine on a GPU (the te backend); this "
+                            f"machine resolves attention_backend={cfg.attention_backend!r} to {self.backend!r}: "
+                            "set model.fp8=null")
         self.causal = cfg.attention == "causal"
         self.vision_on_text_batches = vision_on_text_batches
         use_for_megatron_attention()  # the LLM's rotary in fewer kernels, bit-identical (models/rotary.py)

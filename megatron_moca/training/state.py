@@ -136,7 +136,8 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                         "with checkpoint.load and use a new checkpoint.save directory")
     saved_model = read_model_config(folder).to_dict()
     ours = cfg.model.to_dict()
-    differ = sorted(k for k in ours if k != "attention_backend" and saved_model.get(k) != ours[k])
+    runtime_choices = ("attention_backend", "fp8", "fp8_recipe")  # kernels and precision, not the weights
+    differ = sorted(k for k in ours if k not in runtime_choices and saved_model.get(k) != ours[k])
     if differ:
         raise UserError(f"checkpoint.save={cfg.checkpoint.save} holds a run of another model (model.{differ[0]} "
                         "differs): resume with that run's config.yaml, or name a new checkpoint.save")

@@ -37,3 +37,4 @@ def test_rng_tracker_forks_cpu_state_with_megatron_names(megatron_runtime):
     cpu.manual_seed(123, tp_rank=1)
     with mp_random.get_cuda_rng_tracker().fork():
         assert not torch.equal(torch.rand(4), a)  # another TP rank draws differently (dropout in TP regions)
+

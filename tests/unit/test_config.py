@@ -80,3 +80,16 @@ def test_vision_mlp_padding_lets_tp8_shard_the_tower():
     cfg.vision.intermediate_pad_multiple = 0
     with pytest.raises(UserError, match="intermediate_pad_multiple=0: must be >= 1"):
         cfg.validate(1, 1)
+
+
+def test_fp8_settings_are_validated():
+    cfg = preset("tiny")
+    cfg.fp8 = "hybrid"
+    cfg.validate()  # auto may resolve to te on a GPU machine
+    for field, value, message in [("fp8", "e5m2", "model.fp8='e5m2'"), ("fp8_recipe", "linear", "model.fp8_recipe"),
+                                  ("attention_backend", "sdpa", "attention_backend must be 'te' or 'auto'")]:
+        bad = preset("tiny")
+        bad.fp8 = "hybrid"
+        setattr(bad, field, value)
+        with pytest.raises(UserError, match=message):
+            bad.validate()
