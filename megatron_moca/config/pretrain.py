@@ -158,9 +158,9 @@ class PretrainConfig:
             raise UserError(f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
         if not 0 <= o.lr_warmup_fraction <= 1:
             raise UserError(f"optim.lr_warmup_fraction={o.lr_warmup_fraction}: must be within 0..1")
-        if not 0 <= self.lr_warmup_iters <= self.lr_decay_iters:
-            raise UserError(f"optim.lr_warmup_iters={self.lr_warmup_iters} must be within 0..lr_decay_iters "
-                            f"({self.lr_decay_iters})")
+        if not 0 <= self.lr_warmup_iters < self.lr_decay_iters:
+            raise UserError(f"optim.lr_warmup_iters={self.lr_warmup_iters} must be below lr_decay_iters "
+                            f"({self.lr_decay_iters}, default train_iters) and not negative")
         c = self.checkpoint
         if not c.save:
             raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage1)")

@@ -144,7 +144,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
     peak = device_peak_tflops(cfg.logging.peak_tflops)
     record: Dict[str, float] = {}
-    window = {"seconds": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "steps": 0}
+    window = {"seconds": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
     last_saved = iteration
     try:
         while iteration < cfg.train.train_iters:
@@ -173,7 +173,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                                     "- lower optim.lr or check the data")
             elapsed = time.perf_counter() - start
             for key, value in (("seconds", elapsed), ("data", step.data_seconds), ("tokens", step.tokens),
-                               ("flops", sums["flops"]), ("steps", 1)):
+                               ("flops", sums["flops"]), ("skipped", 0 if updated else 1)):
                 window[key] += value
             if iteration % cfg.logging.log_interval == 0 or iteration == cfg.train.train_iters:
                 seconds = window["seconds"]
@@ -185,7 +185,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                           "tokens_per_s_per_gpu": window["tokens"] / seconds / world,
                           "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                           "mem_gib": memory_gib(), "data_wait_frac": window["data"] / seconds,
-                          "skipped_updates": 0 if updated else 1}
+                          "skipped_updates": window["skipped"]}  # fp16 loss-scale overflows
                 window = dict.fromkeys(window, 0)
                 if rank0:
                     metrics.write(record)

@@ -79,7 +79,7 @@ def test_validation_before_any_process_group(tmp_path):
         (dict(parallel=dict(tensor_model_parallel_size=4)), 4, "must divide the 2 KV heads"),
         (dict(train=dict(micro_batch_size=2, global_batch_size=6)), 2, "not a multiple of micro_batch_size x "
                                                                       "data-parallel size = 2 x 2"),
-        (dict(optim=dict(lr_warmup_iters=2000)), 1, "lr_warmup_iters=2000 must be within 0..lr_decay_iters (1000)"),
+        (dict(optim=dict(lr_warmup_iters=2000)), 1, "lr_warmup_iters=2000 must be below lr_decay_iters (1000"),
         (dict(optim=dict(lr_decay_style="step")), 1, "lr_decay_style='step'"),
         (dict(checkpoint=dict(save=None)), 1, "checkpoint.save is not set"),
         (dict(checkpoint=dict(load="/nowhere")), 1, "checkpoint.load=/nowhere: no such directory"),
