@@ -17,6 +17,7 @@ ATTENTION_BACKENDS = ("auto", "te", "flash", "flex", "sdpa", "local")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+RECOMPUTE = ("selective", "full")
 
 
 @dataclass
@@ -145,6 +146,13 @@ class ModelConfig:
     of 16 (data.pad_to_multiple)."""
     fp8_recipe: str = "delayed"
     """Transformer Engine's scaling recipe: delayed, tensorwise, blockwise or mxfp8 (Blackwell)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute, to fit long packed rows: None (keep every activation), 'full' (every LLM
+    layer and ViT block keeps only its input and runs its forward again in the backward pass: about a
+    third more compute) or 'selective' (the LLM's core attention only: worth it with the dense `local`
+    attention; the flash/flex/TE kernels already keep no attention matrix)."""
+    recompute_num_layers: int = 1
+    """'full': LLM layers per recomputed chunk (megatron's uniform method)."""
 
     def validate(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
         """Raise UserError naming the first inconsistent field."""
@@ -156,6 +164,11 @@ class ModelConfig:
                 f"model.attention_backend={self.attention_backend!r}: expected one of {ATTENTION_BACKENDS}")
         if self.params_dtype not in PARAMS_DTYPES:
             raise UserError(f"model.params_dtype={self.params_dtype!r}: expected one of {PARAMS_DTYPES}")
+        if self.recompute_granularity is not None and self.recompute_granularity not in RECOMPUTE:
+            raise UserError(f"model.recompute_granularity={self.recompute_granularity!r}: expected null or one of "
+                            f"{RECOMPUTE}")
+        if self.recompute_num_layers < 1:
+            raise UserError(f"model.recompute_num_layers={self.recompute_num_layers}: must be >= 1")
         if self.fp8 is not None:
             if self.fp8 not in FP8_FORMATS:
                 raise UserError(f"model.fp8={self.fp8!r}: expected null or one of {FP8_FORMATS}")

@@ -6,7 +6,7 @@ megatron-core assumes CUDA in a few spots that no config flag avoids (see shared
   * `torch.cuda.synchronize()` in dist-checkpoint save, `torch.cuda.current_stream()` in DDP;
   * the optimizers' dtype checks by CUDA type name (`param.type() == 'torch.cuda.FloatTensor'`);
   * the RNG tracker (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`), which
-    stores CUDA generator states.
+    stores CUDA generator states, and activation recompute, which saves and restores them.
 `install()` neutralises them: a torch-function mode rewrites CUDA device arguments to the CPU (and
 answers `Tensor.type()` with the CUDA type name),
 `torch.cuda.current_device/synchronize/current_stream` become CPU-safe, and the RNG tracker is
@@ -132,6 +132,8 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # activation recompute (tensor_parallel.checkpoint) saves "the CUDA RNG state" through this one
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     _MODE = _CudaToCpu()
     _MODE.__enter__()  # stays active for the life of the process
 

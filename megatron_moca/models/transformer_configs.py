@@ -39,12 +39,19 @@ def language_transformer_config(cfg: ModelConfig, initialize: bool = True):
     lang = cfg.language
     # FP8 only in the LLM's layers: megatron's TransformerBlock runs each layer under TE's fp8 autocast
     fp8 = dict(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe) if cfg.fp8 else {}
+    recompute = {}
+    if cfg.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=cfg.recompute_num_layers)
+    elif cfg.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return TransformerConfig(
         num_layers=lang.num_layers, hidden_size=lang.hidden_size, num_attention_heads=lang.num_attention_heads,
         num_query_groups=lang.num_query_groups, ffn_hidden_size=lang.ffn_hidden_size, kv_channels=lang.head_dim,
         layernorm_epsilon=lang.norm_eps, add_bias_linear=False, add_qkv_bias=True,
         mrope_section=list(lang.mrope_section),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(), **fp8, **_common(cfg, initialize))
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(), **fp8, **recompute,
+        **_common(cfg, initialize))
 
 
 def vision_transformer_config(cfg: ModelConfig, initialize: bool = True):

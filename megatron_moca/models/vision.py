@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -116,9 +117,11 @@ class PatchMerger(MegatronModule):
 
 
 class VisionTower(MegatronModule):
-    def __init__(self, config, vcfg: VisionConfig, out_hidden: int):
+    def __init__(self, config, vcfg: VisionConfig, out_hidden: int, recompute: bool = False):
+        """recompute: keep only each block's input and run the block again in the backward pass."""
         super().__init__(config=config)
         self.vcfg = vcfg
+        self.recompute = recompute
         # Conv3d(3, D, kernel=stride=(2,14,14), no bias) over one patch == a linear over its 1176 values
         self.patch_embed = nn.Linear(vcfg.patch_dim, vcfg.hidden_size, bias=False, dtype=config.params_dtype)
         half = vcfg.head_dim // 2
@@ -153,6 +156,9 @@ class VisionTower(MegatronModule):
         cos, sin = freqs.cos(), freqs.sin()
         for i, block in enumerate(self.blocks):
             segs = layout.image_segments if i in self.full_blocks else layout.window_segments
-            x = block(x, cos, sin, segs)
+            if self.recompute and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, segs, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, segs)
         merged = self.merger(x)
         return merged[torch.argsort(layout.window_index)]

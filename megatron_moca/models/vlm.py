@@ -81,8 +81,8 @@ class MocaVLM(MegatronModule):
             post_process=self.post_process, parallel_output=True,
             share_embeddings_and_output_weights=lang.tie_word_embeddings, position_embedding_type="mrope",
             rotary_base=int(lang.rope_theta))
-        self.vision = (VisionTower(vision_transformer_config(cfg, initialize), cfg.vision, lang.hidden_size)
-                       if self.pre_process else None)
+        self.vision = (VisionTower(vision_transformer_config(cfg, initialize), cfg.vision, lang.hidden_size,
+                                   recompute=cfg.recompute_granularity == "full") if self.pre_process else None)
         self.mae_decoder = (MaeDecoder(llm_config, layer_spec, cfg.vision.merge_unit * cfg.vision.patch_dim,
                                        layer_number=len(self.language.decoder.layers) + 1)
                             if mae_decoder and self.post_process else None)

@@ -136,7 +136,8 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                         "with checkpoint.load and use a new checkpoint.save directory")
     saved_model = read_model_config(folder).to_dict()
     ours = cfg.model.to_dict()
-    runtime_choices = ("attention_backend", "fp8", "fp8_recipe")  # kernels and precision, not the weights
+    # kernels, precision and memory trade-offs, not the weights
+    runtime_choices = ("attention_backend", "fp8", "fp8_recipe", "recompute_granularity", "recompute_num_layers")
     differ = sorted(k for k in ours if k not in runtime_choices and saved_model.get(k) != ours[k])
     if differ:
         raise UserError(f"checkpoint.save={cfg.checkpoint.save} holds a run of another model (model.{differ[0]} "
