@@ -1,6 +1,6 @@
 """`moca pretrain` on one GPU (skipped without CUDA): bf16 parameters with fp32 master weights, nccl,
-the image pipeline `auto` picks (device_resize without DALI), the chosen attention backend; a short run
-that learns, stops at train.exit_interval and resumes to the end."""
+the image pipeline `auto` picks (device_resize without DALI), the chosen attention backend, full
+activation recompute; a short run that learns, stops at train.exit_interval and resumes to the end."""
 
 import io
 import json
@@ -34,7 +34,8 @@ def test_bf16_stage1_run_learns_and_resumes_on_gpu(tmp_path):
     shards = write_stage1_shards(tmp_path / "shards", documents=24, pictures=synthetic_pictures())
     save = str(tmp_path / "run")
     args = ["pretrain", "--config", os.path.join(REPO, "examples", "pretrain_tiny_cpu.yaml"), f"data.paths={shards}",
-            f"checkpoint.save={save}", "model.params_dtype=bfloat16", "sample.image_pipeline=auto",
+            f"checkpoint.save={save}", "model.params_dtype=bfloat16", "model.recompute_granularity=full",
+            "sample.image_pipeline=auto",
             "sample.max_length=100", "data.pack_length=128", "train.train_iters=12", "logging.log_interval=1",
             "checkpoint.save_interval=100"]
     first = run_moca(*args, "train.exit_interval=6")
