@@ -178,6 +178,9 @@ class PretrainConfig:
             raise UserError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} paths")
         if self.data.pack_length < 16:
             raise UserError(f"data.pack_length={self.data.pack_length}: too short for a document")
+        if self.sample.max_length > self.data.pack_length:
+            raise UserError(f"sample.max_length={self.sample.max_length} exceeds data.pack_length="
+                            f"{self.data.pack_length}: documents that long could never be packed")
         if not 0 < self.objective.mae_weight:
             raise UserError(f"objective.mae_weight={self.objective.mae_weight}: must be > 0")
 

@@ -84,6 +84,7 @@ def test_validation_before_any_process_group(tmp_path):
         (dict(checkpoint=dict(save=None)), 1, "checkpoint.save is not set"),
         (dict(checkpoint=dict(load="/nowhere")), 1, "checkpoint.load=/nowhere: no such directory"),
         (dict(data=dict(paths=[str(tmp_path)])), 1, "has no manifest.json"),
+        (dict(data=dict(pack_length=1000)), 1, "sample.max_length=1280 exceeds data.pack_length=1000"),
     ]
     for changes, world, message in cases:
         with pytest.raises(UserError) as err:
