@@ -123,6 +123,33 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_data_standin(args) -> int:
+    from megatron_moca.eval.standin import build_standin
+
+    out = build_standin(args.input, args.output, max_queries=args.max_queries)
+    print(f"wrote a retrieval stand-in of {out['queries']} queries / {out['documents']} images to {out['output']}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    if args.task == "mmeb":
+        raise UserError("--task mmeb is not built yet; --task retrieval and --task vidore (BEIR layout) are")
+    from megatron_moca.embed.embedder import MocaEmbedder
+    from megatron_moca.eval.beir import read_beir
+    from megatron_moca.eval.retrieval import TASK_PROMPTS, evaluate_retrieval
+
+    data = read_beir(args.data, split=args.split)  # before the model: bad data fails fast
+    from megatron_moca.data.image_processing import ImageProcessingConfig
+
+    embedder = MocaEmbedder(args.model, max_length=args.max_length,
+                            image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+    metrics = evaluate_retrieval(embedder, data, TASK_PROMPTS[args.task], batch_size=args.batch_size,
+                                 log=lambda line: print(line, flush=True))
+    print(json.dumps({"task": args.task, **{k: round(v, 6) if isinstance(v, float) else v
+                                            for k, v in metrics.items()}}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
@@ -150,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-per-source", type=int, default=0, help="cap documents per source (0 = all)")
     demo.add_argument("--workers", type=int, default=0)
     demo.set_defaults(func=_cmd_data_demo)
+
+    standin = dsub.add_parser("standin", help="an offline text->image retrieval set (BEIR layout) from shards")
+    standin.add_argument("--input", required=True, help="shard folder (manifest.json)")
+    standin.add_argument("--output", required=True, help="new or empty directory")
+    standin.add_argument("--max-queries", type=int, default=200)
+    standin.set_defaults(func=_cmd_data_standin)
+
+    ev = sub.add_parser("eval", help="evaluate an HF folder's embeddings; last line: one JSON object of metrics")
+    ev.add_argument("--model", required=True, help="HF Qwen2.5-VL folder (e.g. a moca convert mcore-to-hf export)")
+    ev.add_argument("--task", required=True, choices=("retrieval", "mmeb", "vidore"))
+    ev.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-length", type=int, default=1280, help="tokens per input")
+    ev.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="smallest resized image area (MoCa: 256 tokens)")
+    ev.add_argument("--max-pixels", type=int, default=1024 * 28 * 28, help="largest resized image area (1024 tokens)")
+    ev.set_defaults(func=_cmd_eval)
 
     pre = sub.add_parser("pretrain", help="MoCa stage 1 (joint MLM + MAE) on megatron-core; torchrun for >1 process")
     pre.add_argument("--config", default=None, help="YAML recipe (examples/pretrain_*.yaml); default: built-in defaults")

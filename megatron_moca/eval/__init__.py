@@ -1,0 +1,1 @@
+"""Evaluation harnesses: retrieval metrics, BEIR-format retrieval (ViDoRe-v2), offline stand-ins."""

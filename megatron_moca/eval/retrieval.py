@@ -1,0 +1,52 @@
+"""Retrieval evaluation of an embedder on BEIR-format data (`moca eval --task retrieval | vidore`).
+
+Queries and documents are embedded with MoCa's prompts (spec moca-method.md, "Prompts"; `<img>` marks
+where an entry's image goes), scored by cosine similarity, and ranked over the whole corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from megatron_moca.data.documents import PLACEHOLDER
+from megatron_moca.eval.beir import BeirData, Entry
+from megatron_moca.eval.metrics import retrieval_metrics
+
+
+@dataclass
+class Prompts:
+    """Templates: {text} is the entry's text, <img> its image (entries without an image drop <img>)."""
+
+    query: str = "{text}"
+    document: str = "{text}"
+    image_document: str = "<img>\nRepresent the given document image."
+
+
+TASK_PROMPTS = {
+    "retrieval": Prompts(),
+    "vidore": Prompts(query="{text}", image_document="<img>\nRepresent the given document image."),
+}
+
+
+def _item(entry: Entry, template: str):
+    text = template.format(text=entry.text)
+    if entry.image is None:
+        return text.replace("<img>", "")
+    if "<img>" not in text:
+        text = "<img>" + text
+    return {"text": text.replace("<img>", PLACEHOLDER), "images": [entry.image]}
+
+
+def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), batch_size: int = 8,
+                       log=None) -> Dict[str, float]:
+    queries = [_item(q, prompts.query) for q in data.queries]
+    documents = [_item(d, prompts.image_document if d.image else prompts.document) for d in data.corpus]
+    if log:
+        log(f"embedding {len(queries)} queries and {len(documents)} documents")
+    q = embedder.embed(queries, batch_size=batch_size)
+    d = embedder.embed(documents, batch_size=batch_size)
+    scores = q @ d.T
+    return retrieval_metrics(scores, [e.id for e in data.queries], [e.id for e in data.corpus], data.qrels)
