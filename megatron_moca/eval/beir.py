@@ -1,17 +1,18 @@
-"""BEIR-format retrieval data (the layout ViDoRe-v2 and most text benchmarks ship in):
+"""BEIR-format retrieval data, as ViDoRe-v2 and most text benchmarks ship it:
 
-    corpus.jsonl     {"_id": str, "text": str, "image": "relative/path.png" (optional)}
-    queries.jsonl    {"_id": str, "text": str, "image": ... (optional)}
-    qrels/test.tsv   query-id <tab> corpus-id <tab> score   (a header line)
+    corpus.jsonl | corpus.parquet     {"_id" | "corpus-id", "text" (optional), "image" (optional)}
+    queries.jsonl | queries.parquet   {"_id" | "query-id", "text" | "query", "image" (optional)}
+    qrels/<split>.tsv (query-id, corpus-id, score; a header line) | qrels.jsonl | qrels.parquet
+
+An image is a path relative to the folder, raw bytes, or a {"bytes": ..., "path": ...} struct (parquet).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from megatron_moca.errors import UserError
 
@@ -20,7 +21,7 @@ from megatron_moca.errors import UserError
 class Entry:
     id: str
     text: str
-    image: Optional[str] = None  # absolute path
+    image: Union[str, bytes, None] = None  # absolute path or encoded bytes
 
 
 @dataclass
@@ -30,49 +31,86 @@ class BeirData:
     qrels: Dict[str, Dict[str, float]]
 
 
-def _read_jsonl(path: str, folder: str) -> List[Entry]:
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist (BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+def _table(folder: str, name: str) -> Optional[str]:
+    for suffix in (".jsonl", ".parquet"):
+        if os.path.isfile(os.path.join(folder, name + suffix)):
+            return os.path.join(folder, name + suffix)
+    return None
+
+
+def _rows(path: str):
+    """(line or row number, record) of a .jsonl or .parquet table."""
+    from megatron_moca.data.documents import DocumentError
+    from megatron_moca.data.prepare import iter_records
+
+    for n, (_, record) in enumerate(iter_records(path, os.path.basename(path)), 1):
+        if isinstance(record, DocumentError):
+            raise UserError(f"{path}:{n}: {record}")
+        yield n, record
+
+
+def _image(value, folder: str, where: str):
+    if isinstance(value, dict):  # parquet image struct
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        path = os.path.join(folder, value)
+        if not os.path.isfile(path):
+            raise UserError(f"{where}: image {value} not found under {folder}")
+        return path
+    return None
+
+
+def _read_entries(folder: str, name: str, id_key: str) -> List[Entry]:
+    path = _table(folder, name)
+    if path is None:
+        raise UserError(f"{os.path.join(folder, name)}.jsonl does not exist (BEIR layout: corpus, queries and "
+                        "qrels as .jsonl or .parquet)")
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                entry = Entry(str(row["_id"]), str(row.get("text") or ""), row.get("image"))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: not a BEIR record with an _id ({type(e).__name__})") from None
-            if entry.image:
-                entry.image = os.path.join(folder, entry.image)
-                if not os.path.isfile(entry.image):
-                    raise UserError(f"{path}:{n}: image {row['image']} not found under {folder}")
-            if not entry.text and not entry.image:
-                raise UserError(f"{path}:{n}: record {entry.id} has neither text nor image")
-            out.append(entry)
+    for n, row in _rows(path):
+        where = f"{path}:{n}"
+        if not isinstance(row, dict) or ("_id" not in row and id_key not in row):
+            raise UserError(f"{where}: not a BEIR record with an _id (or {id_key})")
+        image = _image(row.get("image"), folder, where)
+        entry = Entry(str(row.get("_id", row.get(id_key))), str(row.get("text") or row.get("query") or ""), image)
+        if not entry.text and entry.image is None:
+            raise UserError(f"{where}: record {entry.id} has neither text nor image")
+        out.append(entry)
     if not out:
         raise UserError(f"{path}: no records")
     return out
 
 
-def read_beir(folder: str, split: str = "test") -> BeirData:
-    corpus = _read_jsonl(os.path.join(folder, "corpus.jsonl"), folder)
-    queries = _read_jsonl(os.path.join(folder, "queries.jsonl"), folder)
-    path = os.path.join(folder, "qrels", f"{split}.tsv")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist")
+def _read_qrels(folder: str, split: str) -> Dict[str, Dict[str, float]]:
+    tsv = os.path.join(folder, "qrels", f"{split}.tsv")
+    table = _table(folder, "qrels")
     qrels: Dict[str, Dict[str, float]] = {}
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    for n, row in enumerate(rows[1:], 2):
-        if len(row) < 3:
-            raise UserError(f"{path}:{n}: expected query-id, corpus-id, score")
+    if os.path.isfile(tsv):
+        with open(tsv, newline="") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f, delimiter="\t"), 1)][1:]
+        source = tsv
+    elif table is not None:
+        rows = [(n, [r.get("query-id"), r.get("corpus-id"), r.get("score")]) for n, r in _rows(table)]
+        source = table
+    else:
+        raise UserError(f"{tsv} does not exist (nor qrels.jsonl / qrels.parquet)")
+    for n, row in rows:
+        if len(row) < 3 or row[0] is None or row[1] is None:
+            raise UserError(f"{source}:{n}: expected query-id, corpus-id, score")
         try:
-            qrels.setdefault(row[0], {})[row[1]] = float(row[2])
-        except ValueError:
-            raise UserError(f"{path}:{n}: score {row[2]!r} is not a number") from None
+            qrels.setdefault(str(row[0]), {})[str(row[1])] = float(row[2])
+        except (TypeError, ValueError):
+            raise UserError(f"{source}:{n}: score {row[2]!r} is not a number") from None
+    return qrels
+
+
+def read_beir(folder: str, split: str = "test") -> BeirData:
+    corpus = _read_entries(folder, "corpus", "corpus-id")
+    queries = _read_entries(folder, "queries", "query-id")
+    qrels = _read_qrels(folder, split)
     docs = {e.id for e in corpus}
     unknown = sorted({d for judged in qrels.values() for d in judged} - docs)
     if unknown:
-        raise UserError(f"{path}: judges corpus ids that corpus.jsonl lacks, e.g. {unknown[:3]}")
+        raise UserError(f"the qrels of {folder} judge corpus ids that the corpus lacks, e.g. {unknown[:3]}")
     return BeirData(corpus, queries, qrels)

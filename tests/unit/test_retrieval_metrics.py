@@ -43,7 +43,7 @@ def test_beir_folder_and_its_errors(tmp_path):
     data = read_beir(str(good))
     assert [e.id for e in data.corpus] == ["d1"] and data.qrels == {"q1": {"d1": 1.0}}
     cases = [
-        ([{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], "q1\td7\t1\n", "corpus.jsonl lacks, e.g. ['d7']"),
+        ([{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], "q1\td7\t1\n", "the corpus lacks, e.g. ['d7']"),
         ([{"_id": "d1", "image": "missing.png"}], [{"_id": "q1", "text": "y"}], "q1\td1\t1\n", "image missing.png not found"),
         ([{"text": "no id"}], [{"_id": "q1", "text": "y"}], "q1\td1\t1\n", "not a BEIR record with an _id"),
         ([{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], "q1\td1\thigh\n", "score 'high' is not a number"),
@@ -55,3 +55,23 @@ def test_beir_folder_and_its_errors(tmp_path):
             read_beir(str(folder))
     with pytest.raises(UserError, match="corpus.jsonl does not exist"):
         read_beir(str(tmp_path / "none"))
+
+
+def test_vidore_style_parquet_with_image_bytes(tmp_path):
+    """ViDoRe-v2's column names (corpus-id, query-id, query) and parquet image structs are read as is."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(buffer, format="PNG")
+    page = {"bytes": buffer.getvalue(), "path": "page.png"}
+    pq.write_table(pa.Table.from_pylist([{"corpus-id": 7, "image": page}]), tmp_path / "corpus.parquet")
+    pq.write_table(pa.Table.from_pylist([{"query-id": 3, "query": "red page", "language": "en"}]),
+                   tmp_path / "queries.parquet")
+    pq.write_table(pa.Table.from_pylist([{"query-id": 3, "corpus-id": 7, "score": 1}]), tmp_path / "qrels.parquet")
+    data = read_beir(str(tmp_path))
+    assert data.corpus[0].id == "7" and data.corpus[0].image == page["bytes"]
+    assert data.queries[0].text == "red page" and data.qrels == {"3": {"7": 1.0}}
