@@ -132,21 +132,27 @@ def _cmd_data_standin(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    if args.task == "mmeb":
-        raise UserError("--task mmeb is not built yet; --task retrieval and --task vidore (BEIR layout) are")
-    from megatron_moca.embed.embedder import MocaEmbedder
-    from megatron_moca.eval.beir import read_beir
-    from megatron_moca.eval.retrieval import TASK_PROMPTS, evaluate_retrieval
-
-    data = read_beir(args.data, split=args.split)  # before the model: bad data fails fast
     from megatron_moca.data.image_processing import ImageProcessingConfig
+    from megatron_moca.embed.embedder import MocaEmbedder
 
+    log = lambda line: print(line, flush=True)
+    # the data is checked before the model loads: bad data fails fast
+    if args.task == "mmeb":
+        from megatron_moca.eval.mmeb import evaluate_mmeb, subsets
+
+        subsets(args.data)
+    else:
+        from megatron_moca.eval.beir import read_beir
+        from megatron_moca.eval.retrieval import TASK_PROMPTS, evaluate_retrieval
+
+        data = read_beir(args.data, split=args.split)
     embedder = MocaEmbedder(args.model, max_length=args.max_length,
                             image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
-    metrics = evaluate_retrieval(embedder, data, TASK_PROMPTS[args.task], batch_size=args.batch_size,
-                                 log=lambda line: print(line, flush=True))
-    print(json.dumps({"task": args.task, **{k: round(v, 6) if isinstance(v, float) else v
-                                            for k, v in metrics.items()}}))
+    if args.task == "mmeb":
+        metrics = evaluate_mmeb(embedder, args.data, batch_size=args.batch_size, limit=args.limit, log=log)
+    else:
+        metrics = evaluate_retrieval(embedder, data, TASK_PROMPTS[args.task], batch_size=args.batch_size, log=log)
+    print(json.dumps({"task": args.task, **metrics}))
     return 0
 
 
@@ -187,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate an HF folder's embeddings; last line: one JSON object of metrics")
     ev.add_argument("--model", required=True, help="HF Qwen2.5-VL folder (e.g. a moca convert mcore-to-hf export)")
     ev.add_argument("--task", required=True, choices=("retrieval", "mmeb", "vidore"))
-    ev.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    ev.add_argument("--data", required=True, help="retrieval/vidore: BEIR folder (corpus, queries, qrels); "
+                                                  "mmeb: TIGER-Lab/MMEB-eval folder (subset tables + eval_images/)")
+    ev.add_argument("--limit", type=int, default=0, help="mmeb: rows per subset (0 = all)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-length", type=int, default=1280, help="tokens per input")

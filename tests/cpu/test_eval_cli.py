@@ -26,8 +26,44 @@ def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
 
+def write_mmeb(root):
+    """Two subsets in the MMEB-eval layout; where the positive (candidate 0) is the query itself it must
+    rank first, where the query's twin is another candidate the row must miss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images = root / "eval_images" / "SetA"
+    images.mkdir(parents=True)
+    for i, colour in enumerate([(250, 0, 0), (0, 0, 250)]):
+        Image.new("RGB", (60, 40 + 20 * i), colour).save(images / f"{i}.png")
+    query = "<|image_1|> Represent the given image with the following question: what colour?"
+    rows = [{"qry_text": query, "qry_img_path": "SetA/0.png",
+             "tgt_text": [query, "a red square", "<|image_1|> Represent the given image."],
+             "tgt_img_path": ["SetA/0.png", "", "SetA/1.png"]}]
+    (root / "SetA").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "SetA" / "test-00000-of-00001.parquet")
+    (root / "SetB").mkdir()
+    (root / "SetB" / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"qry_text": "Find a caption: a harbour", "qry_img_path": "",
+         "tgt_text": ["Find a caption: a harbour", "<|image_1|> a harbour photo"], "tgt_img_path": ["", ""]},
+        # here the query's twin is candidate 1, not the positive: a miss (a constant embedding would tie -> hit)
+        {"qry_text": "Find a caption: a harbour", "qry_img_path": "",
+         "tgt_text": ["a mountain at noon", "Find a caption: a harbour"], "tgt_img_path": ["", ""]}]))
+
+
+def test_mmeb_hit_at_1_per_subset(tiny_hf_dir, tmp_path):
+    write_mmeb(tmp_path)
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "mmeb", "--data", str(tmp_path), "--max-length", "200",
+                    "--min-pixels", "3136", "--max-pixels", "12544")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics == {"task": "mmeb", "overall": 0.75, "subsets": {"SetA": 1.0, "SetB": 0.5}}
+    assert "SetA: hit@1 1.0000 over 1 rows" in proc.stdout
+
+
 def test_eval_refuses_what_it_cannot_do(tiny_hf_dir, tmp_path):
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "mmeb", "--data", str(tmp_path))
-    assert proc.returncode == 2 and "--task mmeb is not built yet" in proc.stderr
+    assert proc.returncode == 2 and "no MMEB subset folders" in proc.stderr
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", str(tmp_path))
     assert proc.returncode == 2 and "corpus.jsonl does not exist" in proc.stderr
