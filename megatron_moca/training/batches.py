@@ -1,8 +1,10 @@
 """Packed rows -> the micro-batches of one optimizer step, and the step's global loss normalisers.
 
-Every rank of a data-parallel replica (its TP and PP ranks) reads the same rows from its own loader
-(the loader is deterministic per DP rank), so no broadcast is needed; the first stage uses the pixels,
-the last stage the labels and MAE targets, all stages the ids, positions and document ids.
+One rank per data-parallel replica (TP rank 0 of pipeline stage 0) reads rows from the loader and
+broadcasts them, still compact (uint8 pixels or encoded images), to the replica's other TP and PP
+ranks (after Megatron-LM's broadcast of batches over the tensor-parallel group); each rank then builds
+its model inputs on its own device. The first stage uses the pixels, the last stage the labels and MAE
+targets, all stages the ids, positions and document ids.
 """
 
 from __future__ import annotations
@@ -59,21 +61,34 @@ class StepBatch:
 class StepBatches:
     """Iterates StepBatch over a loader of PackedBatch rows."""
 
-    def __init__(self, rows: Iterator, num_microbatches: int, micro_batch_size: int, device: torch.device,
-                 pixel_dtype: torch.dtype, image_decoder=None, dp_group=None):
+    def __init__(self, rows: Optional[Iterator], num_microbatches: int, micro_batch_size: int,
+                 device: torch.device, pixel_dtype: torch.dtype, image_decoder=None, dp_group=None,
+                 replica_group=None, replica_source: Optional[int] = None):
+        """rows: the loader's rows (read on the replica's source rank only); replica_group: the replica's
+        TP x PP ranks, replica_source: the global rank among them that reads (None: every rank reads)."""
         self.rows, self.num_microbatches, self.micro_batch_size = rows, num_microbatches, micro_batch_size
         self.device, self.pixel_dtype, self.image_decoder = device, pixel_dtype, image_decoder
-        self.dp_group = dp_group
+        self.dp_group, self.replica_group, self.replica_source = dp_group, replica_group, replica_source
+
+    def _packed_rows(self) -> list:
+        n = self.num_microbatches * self.micro_batch_size
+        if self.replica_source is None:
+            return [next(self.rows) for _ in range(n)]
+        rows = [next(self.rows) for _ in range(n)] if dist.get_rank() == self.replica_source else [None] * n
+        dist.broadcast_object_list(rows, src=self.replica_source, group=self.replica_group,
+                                   device=self.device if self.device.type == "cuda" else None)
+        return rows
 
     def __iter__(self):
         return self
 
     def __next__(self) -> StepBatch:
         start = time.perf_counter()
+        packed = self._packed_rows()
         micro = []
-        for _ in range(self.num_microbatches):
-            rows = [next(self.rows).model_inputs(self.device, self.pixel_dtype, self.image_decoder)
-                    for _ in range(self.micro_batch_size)]
+        for m in range(self.num_microbatches):
+            rows = [row.model_inputs(self.device, self.pixel_dtype, self.image_decoder)
+                    for row in packed[m * self.micro_batch_size:(m + 1) * self.micro_batch_size]]
             micro.append(collate(rows))
         waited = time.perf_counter() - start
         counts = torch.tensor([

@@ -136,9 +136,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     tokens = cfg.model.tokens
     loader = Stage1Loader(cfg.data, stage1_builder_factory(cfg.tokenizer, cfg.sample), tokens.pad_token_id,
                           tokens.image_token_id, layout.dp_rank, layout.data_parallel_size, state=loader_state)
-    batches = StepBatches(iter(loader), num_micro, cfg.train.micro_batch_size, layout.device,
-                          getattr(torch, cfg.model.params_dtype), _image_decoder(cfg),
-                          ps.get_data_parallel_group())
+    replica_group, source = _replica_source(layout)
+    batches = StepBatches(iter(loader) if source in (None, layout.rank) else None, num_micro,
+                          cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
+                          _image_decoder(cfg), ps.get_data_parallel_group(), replica_group, source)
     seq_length = -(-cfg.data.pack_length // cfg.data.pad_to_multiple) * cfg.data.pad_to_multiple
     forward_backward = get_forward_backward_func()
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
@@ -204,6 +205,19 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
         if metrics is not None:
             metrics.close()
     return record
+
+
+def _replica_source(layout):
+    """(the replica's TP x PP group, the global rank in it that reads the data: TP 0 of stage 0), or
+    (None, None) when the replica is one rank."""
+    from megatron.core import parallel_state as ps
+
+    if layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size == 1:
+        return None, None
+    group = ps.get_model_parallel_group()
+    members = [None] * dist.get_world_size(group)
+    dist.all_gather_object(members, (layout.tp_rank, layout.pp_rank, layout.rank), group=group)
+    return group, next(rank for tp, pp, rank in members if tp == 0 and pp == 0)
 
 
 def _bare_model(cfg: PretrainConfig, device: torch.device):
