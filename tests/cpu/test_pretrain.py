@@ -153,6 +153,15 @@ def test_resuming_with_another_model_or_data_is_refused_and_changes_nothing(refe
     assert {name: (save / name).read_bytes() for name in before} == before
 
 
+def test_a_diverging_run_stops_with_a_message_and_keeps_its_last_checkpoint(shards, tmp_path):
+    save = tmp_path / "run"
+    proc = run_moca(*pretrain_args(shards, str(save), "train.train_iters=5", "checkpoint.save_interval=1",
+                                   "optim.lr=1e30", "optim.lr_warmup_iters=0"))
+    assert proc.returncode == 2 and "non-finite loss (nan)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "its last checkpoint (1) is intact" in proc.stderr
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
 def test_data_path_without_manifest_is_named(tmp_path):
     proc = run_moca(*pretrain_args(str(tmp_path), str(tmp_path / "run")))
     assert proc.returncode == 2 and f"{tmp_path} has no manifest.json" in proc.stderr
