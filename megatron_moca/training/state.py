@@ -153,7 +153,8 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                         f"{saved['pipeline_model_parallel_size']} and this run is at TP="
                         f"{now['tensor_model_parallel_size']} PP={now['pipeline_model_parallel_size']}: its distributed "
                         "optimizer state reloads only at the saved layout; resume with it (runs that must change "
-                        "layout save with checkpoint.optim_fully_reshardable=true)")
+                        "layout: parallel.use_distributed_optimizer=false, or checkpoint.optim_fully_reshardable=true "
+                        "with TE/apex)")
     prime_optimizer_state(optimizer)
     model_state = model.sharded_state_dict()
     request = {"model": model_state,
