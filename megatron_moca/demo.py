@@ -46,6 +46,14 @@ def _moca(args: List[str], log) -> subprocess.CompletedProcess:
     return proc
 
 
+def _discard_interrupted(folder: str) -> None:
+    """A step's output folder without its completion marker is a build that was cut short: start over."""
+    if os.path.isdir(folder):
+        import shutil
+
+        shutil.rmtree(folder)
+
+
 def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = ()) -> dict:
     """Run (or continue) the demo in `workdir`; returns a summary of what was produced.
     pretrain_overrides: more `key=value` settings for stage 1 (after the embedded default)."""
@@ -58,10 +66,7 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = ()) -> dic
         log(f"[1/5] demo shards: already in {shards}")
     else:
         log("[1/5] demo shards")
-        if os.path.isdir(shards):  # an interrupted build: start it again
-            import shutil
-
-            shutil.rmtree(shards)
+        _discard_interrupted(shards)
         _moca(["data", "demo", "--output", shards], log)
     log("[2/5] stage 1 (resumes from the latest checkpoint if there is one)")
     _moca(["pretrain", *DEMO_PRETRAIN, f"data.paths={shards}", f"checkpoint.save={stage1}", *pretrain_overrides], log)
@@ -78,10 +83,7 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = ()) -> dic
     log("[5/5] retrieval evaluation of the export (stand-in: each document's text -> its image)")
     standin = os.path.join(workdir, "retrieval_standin")
     if not os.path.isfile(os.path.join(standin, "qrels", "test.tsv")):
-        if os.path.isdir(standin):  # an interrupted build
-            import shutil
-
-            shutil.rmtree(standin)
+        _discard_interrupted(standin)
         _moca(["data", "standin", "--input", shards, "--output", standin, "--max-queries", "64"], log)
     evaluated = _moca(["eval", "--model", hf, "--task", "retrieval", "--data", standin, "--max-length", "512",
                        "--min-pixels", "3136", "--max-pixels", "50176"], log)  # the image sizes stage 1 saw

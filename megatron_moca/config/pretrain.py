@@ -170,10 +170,10 @@ class PretrainConfig:
             raise UserError(f"checkpoint.load={c.load}: no such directory")
         if not self.data.paths:
             raise UserError("data.paths is empty: name at least one shard folder (moca data prepare / demo)")
+        from megatron_moca.data.shards import manifest_path
+
         for path in self.data.paths:
-            if not os.path.isfile(os.path.join(path, "manifest.json")):
-                raise UserError(f"data.paths: {path} has no manifest.json (write shards with `moca data "
-                                "prepare` or `moca data demo`)")
+            manifest_path(path, "data.paths")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
             raise UserError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} paths")
         if self.data.pack_length < 16:

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_moca.data.shards import MANIFEST, ReadError, index_shard, read_sample
+from megatron_moca.data.shards import ReadError, index_shard, manifest_path, read_sample
 from megatron_moca.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,8 @@ class Source:
     """One shard folder: sample counts per shard, and (epoch, local index) -> (shard path, offset)."""
 
     def __init__(self, folder: str, source_id: int, seed: int):
-        manifest_path = os.path.join(folder, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            raise UserError(f"data path {folder}: no {MANIFEST} (write shards with `moca data prepare`)")
-        with open(manifest_path) as f:
+        manifest = manifest_path(folder, "data path")
+        with open(manifest) as f:
             shards = json.load(f)["shards"]
         self.folder, self.source_id, self.seed = folder, source_id, seed
         self.names = [s["name"] for s in shards]

@@ -31,6 +31,17 @@ SKIPPED = "skipped.jsonl"
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
+def manifest_path(folder: str, setting: str) -> str:
+    """`folder`'s manifest.json; a UserError naming the setting and the folder when it has none."""
+    from megatron_moca.errors import UserError
+
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{setting}: {folder} has no {MANIFEST} (write shards with `moca data prepare` or "
+                        "`moca data demo`)")
+    return path
+
+
 def safe_key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 

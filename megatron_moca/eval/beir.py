@@ -38,7 +38,7 @@ def _table(folder: str, name: str) -> Optional[str]:
     return None
 
 
-def _rows(path: str):
+def table_rows(path: str):
     """(line or row number, record) of a .jsonl or .parquet table."""
     from megatron_moca.data.documents import DocumentError
     from megatron_moca.data.prepare import iter_records
@@ -68,7 +68,7 @@ def _read_entries(folder: str, name: str, id_key: str) -> List[Entry]:
         raise UserError(f"{os.path.join(folder, name)}.jsonl does not exist (BEIR layout: corpus, queries and "
                         "qrels as .jsonl or .parquet)")
     out = []
-    for n, row in _rows(path):
+    for n, row in table_rows(path):
         where = f"{path}:{n}"
         if not isinstance(row, dict) or ("_id" not in row and id_key not in row):
             raise UserError(f"{where}: not a BEIR record with an _id (or {id_key})")
@@ -91,7 +91,7 @@ def _read_qrels(folder: str, split: str) -> Dict[str, Dict[str, float]]:
             rows = [(n, row) for n, row in enumerate(csv.reader(f, delimiter="\t"), 1)][1:]
         source = tsv
     elif table is not None:
-        rows = [(n, [r.get("query-id"), r.get("corpus-id"), r.get("score")]) for n, r in _rows(table)]
+        rows = [(n, [r.get("query-id"), r.get("corpus-id"), r.get("score")]) for n, r in table_rows(table)]
         source = table
     else:
         raise UserError(f"{tsv} does not exist (nor qrels.jsonl / qrels.parquet)")

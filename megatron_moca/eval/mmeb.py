@@ -17,22 +17,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_moca.data.documents import PLACEHOLDER
 from megatron_moca.errors import UserError
+from megatron_moca.eval.retrieval import embedder_input
 
 PHI3V_IMAGE = "<|image_1|>"
 
 
 def _item(text: str, image: Optional[str], root: str):
-    text = text or ""
-    if not image:
-        return text.replace(PHI3V_IMAGE, "")
-    path = os.path.join(root, image)
-    if not os.path.isfile(path):
+    path = os.path.join(root, image) if image else None
+    if path is not None and not os.path.isfile(path):
         raise UserError(f"MMEB image {image} not found under {root}")
-    if PHI3V_IMAGE not in text:
-        text = PHI3V_IMAGE + text
-    return {"text": text.replace(PHI3V_IMAGE, PLACEHOLDER, 1).replace(PHI3V_IMAGE, ""), "images": [path]}
+    return embedder_input(text or "", path, PHI3V_IMAGE)
 
 
 def subsets(folder: str) -> List[Tuple[str, List[str]]]:
@@ -49,7 +44,7 @@ def subsets(folder: str) -> List[Tuple[str, List[str]]]:
 
 
 def _rows(files: List[str]):
-    from megatron_moca.eval.beir import _rows as table_rows
+    from megatron_moca.eval.beir import table_rows
 
     for path in files:
         for n, row in table_rows(path):

@@ -31,13 +31,19 @@ TASK_PROMPTS = {
 }
 
 
+def embedder_input(text: str, image, marker: str):
+    """An embedder input from a prompt whose image position is `marker` (`<img>` here, Phi-3-V's
+    `<|image_1|>` in MMEB): the first marker becomes Qwen's vision placeholder (one is put in front if
+    the text has none), further ones are dropped; without an image every marker is dropped."""
+    if image is None:
+        return text.replace(marker, "")
+    if marker not in text:
+        text = marker + text
+    return {"text": text.replace(marker, PLACEHOLDER, 1).replace(marker, ""), "images": [image]}
+
+
 def _item(entry: Entry, template: str):
-    text = template.format(text=entry.text)
-    if entry.image is None:
-        return text.replace("<img>", "")
-    if "<img>" not in text:
-        text = "<img>" + text
-    return {"text": text.replace("<img>", PLACEHOLDER), "images": [entry.image]}
+    return embedder_input(template.format(text=entry.text), entry.image, "<img>")
 
 
 def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), batch_size: int = 8,

@@ -5,46 +5,32 @@ Not a benchmark: a harness check on real data where no benchmark can be download
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
 from megatron_moca.errors import UserError
 
 
-def _format(data: bytes) -> str:
-    from PIL import Image
-
-    try:
-        return (Image.open(io.BytesIO(data)).format or "img").lower()
-    except Exception:
-        return "img"
-
-
 def build_standin(shards: str, output: str, max_queries: int = 200, query_words: int = 40) -> dict:
-    from megatron_moca.data.shards import MANIFEST, ReadError, index_shard, read_sample
+    from megatron_moca.data.shards import ReadError, image_ext, manifest_path, read_shard
 
-    manifest_path = os.path.join(shards, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise UserError(f"{shards}: no {MANIFEST} (write shards with `moca data prepare` or `moca data demo`)")
+    manifest = manifest_path(shards, "--input")
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
     os.makedirs(os.path.join(output, "images"), exist_ok=True)
     os.makedirs(os.path.join(output, "qrels"), exist_ok=True)
-    with open(manifest_path) as f:
+    with open(manifest) as f:
         names = [s["name"] for s in json.load(f)["shards"]]
     queries, corpus, qrels = [], [], []
     for name in names:
-        path = os.path.join(shards, name)
-        for offset in index_shard(path):
-            doc = read_sample(path, offset)
+        for doc in read_shard(os.path.join(shards, name)):
             if isinstance(doc, ReadError) or not doc.images:
                 continue
             words = " ".join(s for s in doc.segments if isinstance(s, str)).split()
             if len(words) < 5:
                 continue
             n = len(queries)
-            image = f"images/{n:05d}.{_format(doc.images[0])}"
+            image = f"images/{n:05d}.{image_ext(doc.images[0])}"
             with open(os.path.join(output, image), "wb") as f:
                 f.write(doc.images[0])
             queries.append({"_id": f"q{n}", "text": " ".join(words[:query_words])})

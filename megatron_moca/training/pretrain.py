@@ -45,14 +45,17 @@ def _write_config(cfg: PretrainConfig) -> None:
     os.replace(tmp, path)
 
 
-def build_model(cfg: PretrainConfig, device: torch.device):
-    """The stage-1 model for this rank's pipeline stage, with its starting weights."""
+def build_model(cfg: PretrainConfig, device: torch.device, starting_weights: bool = True):
+    """The stage-1 model for this rank's pipeline stage, with its starting weights (checkpoint.load or
+    random, the MAE decoder from layer L//2) unless starting_weights=False (a resume loads everything)."""
     from megatron_moca.checkpointing import checkpoint_has_prefix, load_model, resolve_checkpoint
     from megatron_moca.models.heads import initialize_mae_decoder
     from megatron_moca.models.vlm import MocaVLM
 
     model = MocaVLM(cfg.model, mae_decoder=True,
                     vision_on_text_batches=cfg.parallel.overlap_grad_reduce).to(device)
+    if not starting_weights:
+        return model
     with_decoder = False
     if cfg.checkpoint.load:
         folder = resolve_checkpoint(cfg.checkpoint.load)
@@ -120,7 +123,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     rank0 = layout.rank == 0
     save = cfg.checkpoint.save
     resuming = has_checkpoint(save)
-    model = build_model(cfg, layout.device) if not resuming else _bare_model(cfg, layout.device)
+    model = build_model(cfg, layout.device, starting_weights=not resuming)
     ddp_model, optimizer, scheduler = setup(cfg, model)
     iteration, loader_state = 0, None
     if resuming:
@@ -218,13 +221,6 @@ def _replica_source(layout):
     members = [None] * dist.get_world_size(group)
     dist.all_gather_object(members, (layout.tp_rank, layout.pp_rank, layout.rank), group=group)
     return group, next(rank for tp, pp, rank in members if tp == 0 and pp == 0)
-
-
-def _bare_model(cfg: PretrainConfig, device: torch.device):
-    """The model a resumed run loads its checkpoint into (no starting weights needed)."""
-    from megatron_moca.models.vlm import MocaVLM
-
-    return MocaVLM(cfg.model, mae_decoder=True, vision_on_text_batches=cfg.parallel.overlap_grad_reduce).to(device)
 
 
 def _image_decoder(cfg: PretrainConfig):
