@@ -98,21 +98,36 @@ def _cmd_data_demo(args) -> int:
     return 0
 
 
-def _cmd_pretrain(args) -> int:
+def _training_logging() -> int:
+    """This process's rank; rank 0 reports, the others only warnings (torchrun interleaves every rank's output)."""
     import logging
 
-    from megatron_moca.config.pretrain import load_pretrain_config
-    from megatron_moca.training.pretrain import pretrain
-
     rank = int(os.environ.get("RANK", "0"))
-    # rank 0 reports; the other ranks only warnings (torchrun interleaves every rank's output)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every bucket and option
-    cfg = load_pretrain_config(args.config, args.overrides)
-    record = pretrain(cfg)
+    return rank
+
+
+def _cmd_pretrain(args) -> int:
+    from megatron_moca.config.pretrain import load_pretrain_config
+    from megatron_moca.training.pretrain import pretrain
+
+    rank = _training_logging()
+    record = pretrain(load_pretrain_config(args.config, args.overrides))
     if rank == 0 and record:
         print(json.dumps({k: record[k] for k in ("step", "loss", "mlm_loss", "mae_loss")}))
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from megatron_moca.config.finetune import load_finetune_config
+    from megatron_moca.training.finetune import finetune
+
+    rank = _training_logging()
+    record = finetune(load_finetune_config(args.config, args.overrides))
+    if rank == 0 and record:
+        print(json.dumps({k: record[k] for k in ("step", "loss", "accuracy")}))
     return 0
 
 
@@ -208,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b")
     pre.set_defaults(func=_cmd_pretrain)
+
+    fin = sub.add_parser("finetune", help="MoCa stage 2 (contrastive, InfoNCE + hard negatives) on an HF folder; "
+                                          "torchrun for >1 process")
+    fin.add_argument("--config", default=None, help="YAML recipe (examples/finetune_*.yaml); default: built-in defaults")
+    fin.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides, e.g. model.path=/models/stage1_hf data.paths=/data/MMEB-train")
+    fin.set_defaults(func=_cmd_finetune)
 
     demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export "
                                            "-> verify (rerun to continue)")

@@ -193,3 +193,41 @@ def write_stage1_shards(folder, documents=40, per_shard=16, pictures=None):
     with open(os.path.join(str(folder), MANIFEST), "w") as f:
         json.dump({"shards": [vars(s) for s in shards]}, f)
     return str(folder)
+
+
+def write_pairs(folder, text_rows=12, image_rows=12):
+    """Stage-2 pairs in the MMEB-train layout: <folder>/TextPairs/train.jsonl (text only, hard negatives as
+    a stringified list, as MMEB-train writes them) and <folder>/ImagePairs/train.jsonl (caption -> one of
+    six real photographs, one hard-negative image), images under <folder>/images/."""
+    import glob
+    import json
+    import shutil
+
+    import skimage
+
+    folder = str(folder)
+    pictures = sorted(glob.glob(os.path.join(os.path.dirname(skimage.__file__), "data", "*.png")), key=os.path.getsize)[:6]
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    names = []
+    for i, path in enumerate(pictures):
+        names.append(f"images/p{i}.png")
+        shutil.copy(path, os.path.join(folder, names[-1]))
+    topics = ["harbour", "mountain", "forest", "desert", "river", "market", "castle", "garden", "bridge", "island",
+              "village", "station"]
+    text, image = [], []
+    for i in range(text_rows):
+        t = topics[i % len(topics)]
+        text.append({"qry": f"Retrieve a passage about the {t} {i}", "qry_image_path": "",
+                     "pos_text": f"A passage describing the {t} {i} in some detail.", "pos_image_path": "",
+                     "neg_text": repr([f"A passage about the {topics[(i + 1) % len(topics)]}", "Another passage"]),
+                     "neg_image_path": repr(["", ""])})
+    for i in range(image_rows):
+        image.append({"qry": f"Find me an everyday image that matches the given caption: picture {i % 6}",
+                      "qry_image_path": "", "pos_text": "<|image_1|>\nRepresent the given image.",
+                      "pos_image_path": names[i % 6], "neg_text": ["<|image_1|>\nRepresent the given image."],
+                      "neg_image_path": [names[(i + 1) % 6]]})
+    for subset, rows in (("TextPairs", text), ("ImagePairs", image)):
+        os.makedirs(os.path.join(folder, subset), exist_ok=True)
+        with open(os.path.join(folder, subset, "train.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return folder

@@ -13,16 +13,30 @@ pixels are exactly what the HF processor gives (tests/data) and what training sa
 
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megatron_moca.embed.inputs import EmbeddingInputs, Item
 from megatron_moca.errors import UserError
 
-Item = Union[str, dict]
+
+def pooled_embeddings(backbone, batch: dict, device: torch.device) -> torch.Tensor:
+    """[n, hidden] L2-normalised float32 embeddings of a batch (EmbeddingInputs.batch) through an HF
+    Qwen2_5_VLModel (`model.model`): bidirectional padding-only mask, mean over each input's tokens of the
+    final hidden states (after the final norm). Differentiable (stage 2 trains through it)."""
+    valid = batch["valid"].to(device)
+    n, s = valid.shape
+    attend = valid[:, None, None, :].expand(n, 1, s, s)  # HF 4-D bool mask: True = may attend
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    hidden = backbone(input_ids=batch["input_ids"].to(device), attention_mask=attend,
+                      position_ids=batch["position_ids"].to(device),
+                      pixel_values=None if pixels is None else pixels.to(device),
+                      image_grid_thw=None if grid is None else grid.to(device)).last_hidden_state
+    weights = valid.to(hidden.dtype)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    return F.normalize(mean.float(), dim=-1)
 
 
 class MocaEmbedder:
@@ -35,9 +49,6 @@ class MocaEmbedder:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         from megatron_moca.conversion.hf_io import read_config
-        from megatron_moca.data.image_processing import ImageProcessingConfig
-        from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig
-        from megatron_moca.data.tokenizer import QwenTokenizer
 
         read_config(model_dir)  # a clear error for a folder that is not Qwen2.5-VL
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -46,43 +57,13 @@ class MocaEmbedder:
         except Exception as e:  # transformers raises many types for unloadable folders
             raise UserError(f"{model_dir}: transformers cannot load it ({type(e).__name__}: {e})") from None
         self.model = model.to(self.device).eval()
-        self.tokenizer = QwenTokenizer(model_dir)
-        sample_cfg = Stage1SampleConfig(max_length=max_length, mlm_probability=0.0, mae_probability=0.0,
-                                        image=image or ImageProcessingConfig(), image_pipeline="cpu")
-        self.builder = Stage1SampleBuilder(self.tokenizer, sample_cfg)
+        self.inputs = EmbeddingInputs(model_dir, max_length=max_length, image=image, pixel_dtype=dtype)
+        self.tokenizer = self.inputs.tokenizer
         self.dtype = dtype
 
-    def _sample(self, item: Item, index: int):
-        from megatron_moca.data.documents import DocumentError, from_record
-
-        record = {"text": item} if isinstance(item, str) else item
-        try:
-            return self.builder.build(from_record(record, f"input{index}", base_dir=os.getcwd()),
-                                      np.random.default_rng(0))
-        except DocumentError as e:
-            raise UserError(f"embedding input {index}: {e}") from None
-
     def batch(self, items: Sequence[Item]) -> dict:
-        """The model inputs of `items`: right-padded ids, a padding-only 4-D mask, M-RoPE positions, pixels."""
-        from megatron_moca.data.pixels import frames_to_pixels
-
-        samples = [self._sample(item, i) for i, item in enumerate(items)]
-        length = max(len(s) for s in samples)
-        ids = torch.full((len(samples), length), self.tokenizer.pad_id, dtype=torch.long)
-        valid = torch.zeros(len(samples), length, dtype=torch.bool)
-        positions = torch.zeros(3, len(samples), length, dtype=torch.long)
-        for row, s in enumerate(samples):
-            ids[row, :len(s)] = torch.from_numpy(s.input_ids)
-            valid[row, :len(s)] = True
-            positions[:, row, :len(s)] = torch.from_numpy(s.position_ids)
-        with_images = [s for s in samples if s.image_grid_thw.shape[0]]
-        pixels = grid = None
-        if with_images:
-            frames = torch.from_numpy(np.concatenate([s.pixel_frames for s in with_images]))
-            pixels = frames_to_pixels(frames, dtype=self.dtype)
-            grid = torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images]))
-        return {"input_ids": ids, "valid": valid, "position_ids": positions, "pixel_values": pixels,
-                "image_grid_thw": grid}
+        """The model inputs of `items` (EmbeddingInputs.batch)."""
+        return self.inputs.batch(items)
 
     @torch.no_grad()
     def embed(self, items: Sequence[Item], batch_size: int = 8) -> torch.Tensor:
@@ -91,19 +72,8 @@ class MocaEmbedder:
             raise UserError("embed() takes a list of inputs (strings or {'text', 'images'} records)")
         out: List[torch.Tensor] = []
         for start in range(0, len(items), batch_size):
-            b = self.batch(items[start:start + batch_size])
-            out.append(self.pool(b))
+            out.append(self.pool(self.batch(items[start:start + batch_size])))
         return torch.cat(out) if out else torch.zeros(0, self.model.config.text_config.hidden_size)
 
     def pool(self, b: dict) -> torch.Tensor:
-        dev = self.device
-        valid = b["valid"].to(dev)
-        n, s = valid.shape
-        attend = valid[:, None, None, :].expand(n, 1, s, s)  # HF 4-D bool mask: True = may attend
-        hidden = self.model.model(
-            input_ids=b["input_ids"].to(dev), attention_mask=attend, position_ids=b["position_ids"].to(dev),
-            pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(dev),
-            image_grid_thw=None if b["image_grid_thw"] is None else b["image_grid_thw"].to(dev)).last_hidden_state
-        weights = valid.to(hidden.dtype)[..., None]
-        mean = (hidden * weights).sum(1) / weights.sum(1)
-        return F.normalize(mean.float(), dim=-1).cpu()
+        return pooled_embeddings(self.model.model, b, self.device).cpu()

@@ -18,10 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_moca.errors import UserError
-from megatron_moca.eval.retrieval import embedder_input
-
-PHI3V_IMAGE = "<|image_1|>"
-
+from megatron_moca.embed.inputs import PHI3V_IMAGE, embedder_input
 
 def _item(text: str, image: Optional[str], root: str):
     path = os.path.join(root, image) if image else None

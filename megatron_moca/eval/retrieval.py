@@ -11,7 +11,7 @@ from typing import Dict
 
 import torch
 
-from megatron_moca.data.documents import PLACEHOLDER
+from megatron_moca.embed.inputs import embedder_input
 from megatron_moca.eval.beir import BeirData, Entry
 from megatron_moca.eval.metrics import retrieval_metrics
 
@@ -29,17 +29,6 @@ TASK_PROMPTS = {
     "retrieval": Prompts(),
     "vidore": Prompts(query="{text}", image_document="<img>\nRepresent the given document image."),
 }
-
-
-def embedder_input(text: str, image, marker: str):
-    """An embedder input from a prompt whose image position is `marker` (`<img>` here, Phi-3-V's
-    `<|image_1|>` in MMEB): the first marker becomes Qwen's vision placeholder (one is put in front if
-    the text has none), further ones are dropped; without an image every marker is dropped."""
-    if image is None:
-        return text.replace(marker, "")
-    if marker not in text:
-        text = marker + text
-    return {"text": text.replace(marker, PLACEHOLDER, 1).replace(marker, ""), "images": [image]}
 
 
 def _item(entry: Entry, template: str):

@@ -15,7 +15,7 @@ through its inputs, so a wrapper that AVERAGES gradients over ranks (DDP) must b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,27 +45,36 @@ def gather_with_local_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def pad_hard_negatives(negatives: list, k: int) -> list:
-    """Each query's list cut or padded to k by repeating its last entry (the reference's rule); a query
-    without any hard negative is an error (there is nothing to repeat)."""
-    out = []
-    for i, items in enumerate(negatives):
-        if not items and k:
-            raise ValueError(f"query {i} has no hard negative to pad to {k}")
-        out.append(list(items[:k]) + [items[-1]] * max(0, k - len(items)))
-    return out
+def hard_negative_index(counts: Sequence[int], k: int) -> torch.Tensor:
+    """[len(counts), k] positions into the concatenation of each query's hard-negative list (query i has
+    counts[i] of them): longer lists are cut to k, shorter ones padded by repeating their last entry (the
+    reference's rule); a query without any is all -1 (masked out of the loss: there is nothing to repeat)."""
+    index = torch.full((len(counts), k), -1, dtype=torch.long)
+    offset = 0
+    for i, n in enumerate(counts):
+        used = min(n, k)
+        if used:
+            index[i] = offset + torch.arange(k).clamp(max=used - 1)
+        offset += used
+    return index
 
 
 def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: Optional[torch.Tensor] = None,
-             cfg: ContrastiveConfig = ContrastiveConfig(), group=None) -> Tuple[torch.Tensor, Dict[str, float]]:
+             cfg: ContrastiveConfig = ContrastiveConfig(), group=None,
+             negative_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The global InfoNCE loss from this rank's [b, d] queries and positives and [b, k, d] hard negatives
-    (L2-normalised). Returns (loss, metrics: accuracy of the diagonal over the global batch)."""
+    (L2-normalised); negative_mask [b, k] (True = a real negative) drops the slots of queries that have
+    none. Returns (loss, metrics: accuracy of the diagonal over the global batch)."""
     q = gather_with_local_grad(query.float(), group)
     p = gather_with_local_grad(positive.float(), group)
     logits = q @ p.T  # [B, B]: query i against every positive of the global batch
     if negatives is not None and negatives.shape[1]:
         n = gather_with_local_grad(negatives.float(), group)  # [B, k, d]
-        logits = torch.cat([logits, torch.einsum("bd,bkd->bk", q, n)], dim=1)
+        scores = torch.einsum("bd,bkd->bk", q, n)
+        if negative_mask is not None:
+            mask = gather_with_local_grad(negative_mask.to(q.device, torch.uint8), group).bool()  # gloo: no bool
+            scores = scores.masked_fill(~mask, float("-inf"))
+        logits = torch.cat([logits, scores], dim=1)
     logits = logits / cfg.temperature
     target = torch.arange(q.shape[0], device=q.device)
     loss = F.cross_entropy(logits, target)

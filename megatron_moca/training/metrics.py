@@ -84,11 +84,14 @@ class MetricsWriter:
 
 
 def log_line(record: Dict[str, float], train_iters: int) -> str:
-    """The one dense line rank 0 prints."""
+    """The one dense line rank 0 prints: the loss and each of its parts (`*_loss`), then the rest."""
     r = record
-    parts = [f"iter {r['step']}/{train_iters}", f"loss {r['loss']:.4f}", f"mlm {r['mlm_loss']:.4f}",
-             f"mae {r['mae_loss']:.4f}", f"grad_norm {r['grad_norm']:.3f}", f"lr {r['lr']:.3e}",
-             f"tok/s/gpu {r['tokens_per_s_per_gpu']:.0f}", f"TFLOP/s/gpu {r['tflops_per_gpu']:.2f}"]
+    parts = [f"iter {r['step']}/{train_iters}", f"loss {r['loss']:.4f}"]
+    parts += [f"{key[:-len('_loss')]} {value:.4f}" for key, value in r.items() if key.endswith("_loss")]
+    if "accuracy" in r:
+        parts.append(f"acc {100 * r['accuracy']:.1f}%")
+    parts += [f"grad_norm {r['grad_norm']:.3f}", f"lr {r['lr']:.3e}",
+              f"tok/s/gpu {r['tokens_per_s_per_gpu']:.0f}", f"TFLOP/s/gpu {r['tflops_per_gpu']:.2f}"]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts += [f"mem {r['mem_gib']:.1f}GiB", f"data {100 * r['data_wait_frac']:.0f}%"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_moca.objectives.contrastive import ContrastiveConfig, info_nce, pad_hard_negatives
+from megatron_moca.objectives.contrastive import ContrastiveConfig, hard_negative_index, info_nce
 
 
 def test_info_nce_matches_a_hand_computation():
@@ -31,6 +31,18 @@ def test_without_hard_negatives_the_logits_are_in_batch_only():
 
 
 def test_hard_negative_lists_are_padded_by_repeating_the_last():
-    assert pad_hard_negatives([["a"], ["b", "c", "d"], ["e", "f"]], 2) == [["a", "a"], ["b", "c"], ["e", "f"]]
-    with pytest.raises(ValueError, match="query 1 has no hard negative"):
-        pad_hard_negatives([["a"], []], 2)
+    # lists of 1, 3, 0 and 2 negatives; embedded once each, cut to k = 2: [a | b c | - | e f]
+    index = hard_negative_index([1, 3, 0, 2], 2)
+    assert index.tolist() == [[0, 0], [1, 2], [-1, -1], [3, 4]]
+
+
+def test_queries_without_hard_negatives_score_only_in_batch():
+    torch.manual_seed(0)
+    q, p = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    n = F.normalize(torch.randn(2, 2, 8), dim=-1)
+    mask = torch.tensor([[True, True], [False, False]])
+    loss, _ = info_nce(q, p, n, ContrastiveConfig(temperature=0.1), negative_mask=mask)
+    logits0 = torch.cat([q[0] @ p.T, n[0] @ q[0]]) / 0.1
+    logits1 = (q[1] @ p.T) / 0.1
+    expected = (F.cross_entropy(logits0[None], torch.tensor([0])) + F.cross_entropy(logits1[None], torch.tensor([1]))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -1,0 +1,153 @@
+"""The stage-2 (`moca finetune`) configuration: YAML sections with Megatron's key names.
+
+    model:      the HF Qwen2.5-VL folder to start from (a `moca convert mcore-to-hf` export of stage 1)
+    train:      iterations (default: one epoch), global batch of pairs, GradCache chunk, seed
+    optim:      AdamW, clipping, LR warmup + decay (config.pretrain.OptimConfig, stage-2 defaults)
+    checkpoint: run directory, save interval, release dtype
+    logging:    log_interval, TensorBoard
+    data:       pair tables and the batch sampler (data.pairs.PairsDataConfig)
+    objective:  temperature, hard negatives (objectives.contrastive.ContrastiveConfig)
+
+Defaults are the MoCa reference's stage-2 settings (spec moca-method.md, "Stage 2").
+`validate(world_size)` checks everything that can be checked before any process-group work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_moca.config.pretrain import LoggingConfig, OptimConfig
+from megatron_moca.data.pairs import SAMPLERS, PairsDataConfig
+from megatron_moca.errors import UserError
+from megatron_moca.objectives.contrastive import ContrastiveConfig
+
+COMPUTE_DTYPES = ("bfloat16", "float32")
+STAGE2_LR_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The model stage 2 trains (the whole HF Qwen2.5-VL: vision tower, merger and LLM)."""
+
+    path: Optional[str] = None
+    """HF Qwen2.5-VL folder to start from; its tokenizer files are used and copied into checkpoints."""
+    compute_dtype: str = "bfloat16"
+    """Autocast dtype of the forward/backward (bfloat16 or float32); weights and AdamW state stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """Length of the run and the batch."""
+
+    train_iters: Optional[int] = None
+    """Optimizer steps (None: one epoch over the pairs, the reference's setting)."""
+    global_batch_size: int = 24
+    """Pairs per optimizer step over all data-parallel ranks (reference: 24 per GPU); every query is
+    scored against every positive of the global batch."""
+    micro_batch_size: Optional[int] = None
+    """Inputs per forward pass. A rank's queries / positives / negatives, where more than this, are
+    embedded in chunks with GradCache (the same gradient, one extra forward); None: one pass each."""
+    seed: int = 1234
+    """Seed of torch's RNGs (dropout, if the model has any); the batch order is data.seed's."""
+    exit_interval: Optional[int] = None
+    """Save and stop after the first iteration divisible by this (a job's time slice; rerun to go on)."""
+
+
+@dataclass
+class FinetuneCheckpointConfig:
+    """The run directory and what is written into it."""
+
+    save: Optional[str] = None
+    """Run directory: config.yaml, metrics.jsonl, iter_XXXXXXX/ (an HF folder + optimizer + state),
+    latest_checkpointed_iteration.txt, and release/ at the end. A run whose directory holds a
+    checkpoint resumes from it."""
+    save_interval: int = 500
+    """Save every this many iterations (and at the end)."""
+    release_dtype: Optional[str] = None
+    """dtype of the final release/ folder (default: the starting model's torch_dtype)."""
+
+
+def _stage2_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-5, lr_warmup_fraction=0.05, clip_grad=5.0, lr_decay_style="linear")
+
+
+@dataclass
+class FinetuneConfig:
+    """MoCa stage 2: heterogeneous contrastive fine-tuning of the bidirectional embedder."""
+
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    optim: OptimConfig = field(default_factory=_stage2_optim)
+    checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: PairsDataConfig = field(default_factory=PairsDataConfig)
+    objective: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Raise UserError on the first bad setting; no process group is needed."""
+        from megatron_moca.conversion.hf_config import model_config_from_hf
+        from megatron_moca.conversion.hf_io import read_config
+
+        m = self.model
+        if not m.path:
+            raise UserError("model.path is not set: name the HF Qwen2.5-VL folder to fine-tune "
+                            "(e.g. a `moca convert mcore-to-hf` export of stage 1)")
+        model_config_from_hf(read_config(m.path))  # names a missing folder or a config that is not Qwen2.5-VL
+        if m.compute_dtype not in COMPUTE_DTYPES:
+            raise UserError(f"model.compute_dtype={m.compute_dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        t = self.train
+        if t.global_batch_size < 1 or (t.train_iters is not None and t.train_iters < 1):
+            raise UserError("train.global_batch_size and train.train_iters must be >= 1")
+        if t.global_batch_size % world_size:
+            raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of the "
+                            f"data-parallel size {world_size} (torchrun processes)")
+        if t.micro_batch_size is not None and t.micro_batch_size < 1:
+            raise UserError("train.micro_batch_size must be >= 1 (or null: no GradCache chunking)")
+        o = self.optim
+        if o.lr_decay_style not in STAGE2_LR_STYLES:
+            raise UserError(f"optim.lr_decay_style={o.lr_decay_style!r}: stage 2 supports {', '.join(STAGE2_LR_STYLES)}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise UserError(f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if not 0 <= o.lr_warmup_fraction <= 1:
+            raise UserError(f"optim.lr_warmup_fraction={o.lr_warmup_fraction}: must be within 0..1")
+        c = self.checkpoint
+        if not c.save:
+            raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage2)")
+        if c.save_interval < 1 or self.logging.log_interval < 1:
+            raise UserError("checkpoint.save_interval and logging.log_interval must be >= 1")
+        if c.release_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise UserError(f"checkpoint.release_dtype={c.release_dtype!r}: expected bfloat16, float16 or float32")
+        d = self.data
+        if not d.paths:
+            raise UserError("data.paths is empty: name at least one pairs table or folder (MMEB-train layout)")
+        for path in d.paths:
+            if not os.path.exists(path):
+                raise UserError(f"data.paths: {path} does not exist")
+        if d.image_root and not os.path.isdir(d.image_root):
+            raise UserError(f"data.image_root={d.image_root}: no such directory")
+        if d.sampler not in SAMPLERS:
+            raise UserError(f"data.sampler={d.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if d.max_length < 16 or d.max_rows_per_subset < 1 or d.num_workers < 0:
+            raise UserError("data.max_length must be >= 16, data.max_rows_per_subset >= 1, data.num_workers >= 0")
+        if self.objective.temperature <= 0 or self.objective.hard_negatives < 0:
+            raise UserError("objective.temperature must be > 0 and objective.hard_negatives >= 0")
+
+    def iterations(self, steps_per_epoch: int) -> int:
+        return self.train.train_iters or steps_per_epoch
+
+    def warmup_iters(self, train_iters: int) -> int:
+        o = self.optim
+        return o.lr_warmup_iters if o.lr_warmup_iters is not None else int(o.lr_warmup_fraction * self.decay_iters(train_iters))
+
+    def decay_iters(self, train_iters: int) -> int:
+        return self.optim.lr_decay_iters or train_iters
+
+
+def load_finetune_config(path: Optional[str], overrides: Sequence[str] = ()) -> FinetuneConfig:
+    from megatron_moca.config.loading import load_config
+
+    return load_config(FinetuneConfig, path, overrides)

@@ -1,0 +1,213 @@
+"""Stage-2 training pairs: MMEB-train-style tables -> (query, positive, hard negatives) and the order in
+which global batches visit them (spec moca-method.md, "Stage 2").
+
+    data.paths entries:  a table (.jsonl / .parquet)              -> one subset, named after the file
+                         a folder of tables                       -> one subset, named after the folder
+                         a folder of subset folders (MMEB-train)  -> one subset per folder
+    columns:             qry, qry_image_path, pos_text, pos_image_path, neg_text, neg_image_path
+                         (neg_* lists, or lists written as strings: read with ast.literal_eval, never eval)
+
+Texts use Phi-3-V's `<|image_1|>` where the image goes (as MMEB-train does); a row without an image
+drops it. Image paths are relative to data.image_root (default: the entry's folder). Each subset is
+capped at data.max_rows_per_subset rows (the first ones). Text-only pair sets (E5-style) are the same
+columns with empty image paths.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_moca.data.image_processing import ImageProcessingConfig
+from megatron_moca.errors import UserError
+
+SAMPLERS = ("mixed", "single_task")
+TABLE_EXTS = (".jsonl", ".parquet")
+
+Side = Tuple[str, Optional[str]]  # (text, absolute image path or None)
+
+
+@dataclass
+class PairsDataConfig:
+    """Where the stage-2 pairs are and how batches are drawn from them."""
+
+    paths: List[str] = field(default_factory=list)
+    """Pair tables: files, folders of tables, or folders of subset folders (MMEB-train layout)."""
+    image_root: Optional[str] = None
+    """Folder the *_image_path columns are relative to (default: each data.paths entry's folder)."""
+    max_rows_per_subset: int = 50000
+    """Rows read per subset (the first ones; the reference caps every subset at 50k)."""
+    sampler: str = "mixed"
+    """`mixed`: global batches drawn from all subsets together; `single_task`: every global batch
+    from one subset (the reference's comment; its code mixes)."""
+    seed: int = 42
+    """Seed of the batch order (epoch e shuffles with seed + e)."""
+    max_length: int = 1280
+    """Tokens per query / document (longer ones are cut)."""
+    image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
+    """Resizing of the images (MoCa: 256..1024 visual tokens)."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank building the next steps' inputs (0: in the training process)."""
+
+
+@dataclass
+class Pair:
+    subset: int
+    query: Side
+    positive: Side
+    negatives: List[Side]
+
+
+def _tables(path: str) -> List[Tuple[str, List[str]]]:
+    """(subset name, its table files) under one data.paths entry."""
+    if os.path.isfile(path):
+        if not path.endswith(TABLE_EXTS):
+            raise UserError(f"data.paths: {path} is not a .jsonl or .parquet table")
+        return [(os.path.basename(path).split(".")[0], [path])]
+    if not os.path.isdir(path):
+        raise UserError(f"data.paths: {path} does not exist")
+
+    def tables_in(folder):
+        return sorted(f for ext in TABLE_EXTS for f in glob.glob(os.path.join(folder, "*" + ext)))
+
+    direct = tables_in(path)
+    if direct:
+        return [(os.path.basename(os.path.normpath(path)), direct)]
+    found = [(name, tables_in(os.path.join(path, name))) for name in sorted(os.listdir(path))
+             if os.path.isdir(os.path.join(path, name))]
+    found = [(name, files) for name, files in found if files]
+    if not found:
+        raise UserError(f"data.paths: {path} holds no .jsonl / .parquet tables, directly or in subset folders")
+    return found
+
+
+def _as_list(value, where: str, column: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return [value] if text else []
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise UserError(f"{where}: {column} looks like a list but does not parse: {text[:80]!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where}: {column} must be a list of strings")
+    return list(value)
+
+
+class PairsData:
+    """Every pair of every subset, in memory (texts and image paths only)."""
+
+    def __init__(self, cfg: PairsDataConfig):
+        if not cfg.paths:
+            raise UserError("data.paths is empty: name at least one pairs table or folder")
+        self.subsets: List[str] = []
+        self.pairs: List[Pair] = []
+        seen: Dict[str, str] = {}
+        for entry in cfg.paths:
+            root = cfg.image_root or (entry if os.path.isdir(entry) else os.path.dirname(entry))
+            for name, files in _tables(entry):
+                if name in seen:
+                    raise UserError(f"data.paths: subset {name} appears twice ({seen[name]} and {entry})")
+                seen[name] = entry
+                self._read_subset(name, files, root, cfg.max_rows_per_subset)
+
+    def _read_subset(self, name: str, files: Sequence[str], root: str, cap: int) -> None:
+        from megatron_moca.eval.beir import table_rows
+
+        index = len(self.subsets)
+        self.subsets.append(name)
+        count = 0
+        for path in files:
+            for n, row in table_rows(path):
+                where = f"{path}:{n}"
+                for column in ("qry", "pos_text"):
+                    if column not in row:
+                        raise UserError(f"{where}: no {column} column (MMEB-train columns: qry, qry_image_path, "
+                                        "pos_text, pos_image_path, neg_text, neg_image_path)")
+                texts = _as_list(row.get("neg_text"), where, "neg_text")
+                images = _as_list(row.get("neg_image_path"), where, "neg_image_path")
+                if texts and images and len(texts) != len(images):
+                    raise UserError(f"{where}: {len(texts)} neg_text entries but {len(images)} neg_image_path entries")
+                width = max(len(texts), len(images))
+                texts, images = texts or [""] * width, images or [""] * width
+                self.pairs.append(Pair(index, self._side(row["qry"], row.get("qry_image_path"), root, where),
+                                       self._side(row["pos_text"], row.get("pos_image_path"), root, where),
+                                       [self._side(t, i, root, where) for t, i in zip(texts, images)]))
+                count += 1
+                if count >= cap:
+                    return
+        if not count:
+            raise UserError(f"subset {name}: its tables have no rows")
+
+    @staticmethod
+    def _side(text, image, root: str, where: str) -> Side:
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{where}: texts must be strings, got {type(text).__name__}")
+        if not image:
+            return text or "", None
+        path = os.path.join(root, image)
+        if not os.path.isfile(path):
+            raise UserError(f"{where}: image {image} not found under {root} (set data.image_root)")
+        return text or "", path
+
+    def subset_sizes(self) -> List[int]:
+        sizes = [0] * len(self.subsets)
+        for p in self.pairs:
+            sizes[p.subset] += 1
+        return sizes
+
+    def fingerprint(self) -> Dict[str, int]:
+        """Rows per subset: what a resumed run must find again."""
+        return dict(zip(self.subsets, self.subset_sizes()))
+
+
+class BatchPlan:
+    """Which pairs form global batch `step` (over all data-parallel ranks): a pure function of the
+    subset sizes, the batch size, the sampler and the seed, so a resumed run continues the same order.
+    Epoch e is a fresh shuffle (seed + e); incomplete batches at the end of an epoch are dropped."""
+
+    def __init__(self, subset_sizes: Sequence[int], global_batch: int, sampler: str, seed: int):
+        if sampler not in SAMPLERS:
+            raise UserError(f"data.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        self.sizes, self.global_batch, self.sampler, self.seed = list(subset_sizes), global_batch, sampler, seed
+        self._epoch, self._batches = -1, []
+        self.steps_per_epoch = (sum(self.sizes) // global_batch if sampler == "mixed"
+                                else sum(n // global_batch for n in self.sizes))
+        if self.steps_per_epoch == 0:
+            what = "all subsets together" if sampler == "mixed" else "any single subset (data.sampler=single_task)"
+            raise UserError(f"train.global_batch_size={global_batch} is larger than {what} "
+                            f"({max(self.sizes) if sampler != 'mixed' else sum(self.sizes)} pairs)")
+
+    def _plan(self, epoch: int) -> List[np.ndarray]:
+        rng = np.random.default_rng(self.seed + epoch)
+        b = self.global_batch
+        if self.sampler == "mixed":
+            order = rng.permutation(sum(self.sizes))
+            return [order[i * b:(i + 1) * b] for i in range(self.steps_per_epoch)]
+        batches, offset = [], 0
+        for n in self.sizes:
+            order = offset + rng.permutation(n)
+            batches += [order[i * b:(i + 1) * b] for i in range(n // b)]
+            offset += n
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def global_batch_at(self, step: int) -> np.ndarray:
+        """Pair indices of the global batch of `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._plan(epoch)
+        return self._batches[within]
+
+    def local_batch_at(self, step: int, dp_rank: int, dp_size: int) -> np.ndarray:
+        """This data-parallel rank's consecutive slice of the global batch."""
+        batch = self.global_batch_at(step)
+        per = len(batch) // dp_size
+        return batch[dp_rank * per:(dp_rank + 1) * per]

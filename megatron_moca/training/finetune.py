@@ -1,0 +1,286 @@
+"""`moca finetune`: MoCa stage 2, contrastive fine-tuning of the HF model (data parallel, torchrun).
+
+    model     transformers Qwen2_5_VLForConditionalGeneration from model.path (or the checkpoint being
+              resumed), fp32 weights + AdamW, bf16 autocast; embeddings: bidirectional, mean-pooled, L2
+              (embed.embedder.pooled_embeddings - the same function the embedder evaluates with)
+    data      pair tables -> BatchPlan (mixed / single_task) -> this rank's slice of each global batch
+    step      InfoNCE over the DP-gathered global batch + each query's hard negatives; GradCache when a
+              group exceeds train.micro_batch_size; gradients summed over ranks (each rank's backward is
+              the global loss's gradient through its own inputs), clipped, AdamW
+    record    metrics.jsonl + one log line per log_interval; checkpoints every save_interval; exact
+              resume; release/ at the end
+No DDP wrapper: with GradCache only the last chunk would sync anyway, and text-only batches leave the
+vision tower without gradients, which DDP would have to search for on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moca.config.finetune import FinetuneConfig
+from megatron_moca.errors import UserError
+
+log = logging.getLogger("megatron_moca.train")
+
+BUCKET_ELEMENTS = 2**26  # gradients all-reduced per flat bucket of at most this many values
+
+
+def _identity(cfg: FinetuneConfig, data) -> Dict[str, object]:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {"model_path": os.path.abspath(cfg.model.path), "subsets": data.fingerprint(),
+            "global_batch_size": cfg.train.global_batch_size, "sampler": cfg.data.sampler,
+            "data_seed": cfg.data.seed, "hard_negatives": cfg.objective.hard_negatives}
+
+
+def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                                   attn_implementation="sdpa")
+    except Exception as e:  # transformers raises many types for unloadable folders
+        raise UserError(f"{folder}: transformers cannot load it ({type(e).__name__}: {e})") from None
+    model.to(device).train()
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _optimizer(cfg: FinetuneConfig, params: List[torch.nn.Parameter], device: torch.device):
+    """AdamW; no weight decay on biases and norm scales (1-D tensors)."""
+    o = cfg.optim
+    decay = [p for p in params if p.dim() > 1]
+    plain = [p for p in params if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                             fused=device.type == "cuda")
+
+
+def sum_gradients(params: List[torch.nn.Parameter], group=None) -> None:
+    """Sum every parameter's gradient over the data-parallel ranks (missing gradients count as zero:
+    a rank whose batch had no image leaves the vision tower without any), in flat buckets."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    bucket: List[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        nonlocal bucket, size
+        if bucket:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(reduced)
+        bucket, size = [], 0
+
+    for p in params:
+        if bucket and (size + p.numel() > BUCKET_ELEMENTS or p.grad.dtype != bucket[0].dtype):
+            flush()
+        bucket.append(p.grad)
+        size += p.numel()
+    flush()
+
+
+class ContrastiveStep:
+    """Forward + backward of one global batch on this rank: InfoNCE over gathered embeddings, with
+    GradCache when a group has more than one chunk."""
+
+    def __init__(self, backbone, cfg: FinetuneConfig, device: torch.device, hidden_size: int):
+        self.backbone, self.cfg, self.device, self.hidden = backbone, cfg, device, hidden_size
+        self.autocast = cfg.model.compute_dtype == "bfloat16"
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        from megatron_moca.embed.embedder import pooled_embeddings
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return pooled_embeddings(self.backbone, batch, self.device)
+
+    def loss(self, index: torch.Tensor, q, p, n=None):
+        from megatron_moca.objectives.contrastive import info_nce
+
+        k = index.shape[1]
+        negatives = mask = None
+        if k:
+            mask = index >= 0
+            if n is None or not n.shape[0]:  # no hard negatives on this rank
+                negatives = q.new_zeros(q.shape[0], k, q.shape[1])
+            else:
+                negatives = n[index.clamp(min=0)]
+        return info_nce(q, p, negatives, self.cfg.objective, negative_mask=mask)
+
+    def __call__(self, step: dict):
+        from megatron_moca.objectives.grad_cache import GradCache
+
+        index = step["negative_index"].to(self.device)
+        groups = [step["queries"], step["positives"]]
+        if step["negatives"]:
+            groups.append(step["negatives"])
+        if all(len(chunks) == 1 for chunks in groups):
+            loss, metrics = self.loss(index, *[self.encode(chunks[0]) for chunks in groups])
+            loss.backward()
+            return loss.detach(), metrics, False
+        cache = GradCache(self.encode, lambda *emb: self.loss(index, *emb))
+        loss, metrics = cache.step(groups)
+        return loss, metrics, True
+
+
+def _step_flops(model_cfg, step: dict, grad_cache: bool) -> float:
+    from megatron_moca.training.flops import StepShape, training_step_flops
+
+    total = 0.0
+    for name in ("queries", "positives", "negatives"):
+        for b in step[name]:
+            grid = b["image_grid_thw"]
+            shape = StepShape(documents=b["valid"].sum(1).tolist(), logit_tokens=0, mae_tokens=-1,
+                              image_grids=[tuple(g) for g in grid.tolist()] if grid is not None else [])
+            total += training_step_flops(model_cfg, shape)
+    return total * (4 / 3 if grad_cache else 1.0)  # GradCache: one more forward (a third of fwd + bwd)
+
+
+def _write_config(cfg: FinetuneConfig) -> None:
+    import yaml
+
+    from megatron_moca.config.loading import to_dict
+    from megatron_moca.training.pretrain import CONFIG_FILE
+
+    path = os.path.join(cfg.checkpoint.save, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
+    """Run (or resume) stage 2; returns the last logged metrics record."""
+    from megatron_moca.conversion.hf_config import model_config_from_hf
+    from megatron_moca.conversion.hf_io import read_config
+    from megatron_moca.data.pairs import BatchPlan, PairsData
+    from megatron_moca.distributed import runtime
+    from megatron_moca.embed.inputs import EmbeddingInputs
+    from megatron_moca.models.transformer_configs import DTYPES
+    from megatron_moca.training.contrastive_batches import ContrastiveSteps, step_loader
+    from megatron_moca.training.finetune_state import (check_resumable, latest_iteration, load_optimizer_and_rng,
+                                                       save_checkpoint, write_release)
+    from megatron_moca.training.metrics import MetricsWriter, device_peak_tflops, log_line, memory_gib
+    from megatron_moca.training.pretrain import TrainingError
+    from megatron_moca.training.schedule import learning_rate
+    from megatron_moca.checkpointing import iteration_dir
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world)
+    base_config = read_config(cfg.model.path)
+    model_cfg = model_config_from_hf(base_config)
+    data = PairsData(cfg.data)
+    plan = BatchPlan(data.subset_sizes(), cfg.train.global_batch_size, cfg.data.sampler, cfg.data.seed)
+    train_iters = cfg.iterations(plan.steps_per_epoch)
+    identity = _identity(cfg, data)
+    save = cfg.checkpoint.save
+    resumed_at = latest_iteration(save)
+
+    runtime.init_process_group()
+    rank, dp = dist.get_rank(), dist.get_world_size()
+    rank0 = rank == 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed + rank)
+    iteration = 0
+    if resumed_at is not None:
+        folder = iteration_dir(save, resumed_at)
+        check_resumable(folder, identity)
+        model = _load_model(folder, cfg, device)
+    else:
+        model = _load_model(cfg.model.path, cfg, device)
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    optimizer = _optimizer(cfg, params, device)
+    if resumed_at is not None:
+        load_optimizer_and_rng(folder, optimizer)
+        iteration = resumed_at
+        if rank0:
+            log.info("resumed from %s at iteration %d", folder, iteration)
+    if rank0:  # only now: a refused resume leaves the run directory as it was
+        os.makedirs(save, exist_ok=True)
+        _write_config(cfg)
+        log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks",
+                 len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp)
+
+    inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image)
+    steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
+                             cfg.train.micro_batch_size)
+    loader = step_loader(steps, iteration, cfg.data.num_workers)
+    step_fn = ContrastiveStep(model.model, cfg, device, model_cfg.language.hidden_size)
+    metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
+    peak = device_peak_tflops(cfg.logging.peak_tflops)
+    warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
+    o = cfg.optim
+    record: Dict[str, float] = {}
+    window = {"seconds": 0.0, "data": 0.0, "tokens": 0.0, "flops": 0.0}
+    last_saved = iteration
+    try:
+        while iteration < train_iters:
+            start = time.perf_counter()
+            step = next(loader)
+            data_seconds = time.perf_counter() - start
+            lr = learning_rate(iteration, o.lr, o.min_lr, warmup, decay, o.lr_decay_style)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts, chunked = step_fn(step)
+            sum_gradients(params)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf")))
+            loss_value = float(loss)
+            if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
+                raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at iteration "
+                                    f"{iteration + 1}; the run stopped, its last checkpoint ({last_saved}) is intact "
+                                    "- lower optim.lr or check the data")
+            optimizer.step()
+            iteration += 1
+            counts = torch.tensor([float(step["tokens"]), _step_flops(model_cfg, step, chunked)], dtype=torch.float64,
+                                  device=device)
+            if dp > 1:
+                dist.all_reduce(counts)
+            elapsed = time.perf_counter() - start
+            for key, value in (("seconds", elapsed), ("data", data_seconds), ("tokens", counts[0].item()),
+                               ("flops", counts[1].item())):
+                window[key] += value
+            if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
+                seconds = window["seconds"]
+                tflops = window["flops"] / seconds / dp / 1e12
+                record = {"step": iteration, "loss": loss_value, "contrastive_loss": parts["contrastive_loss"],
+                          "accuracy": parts["accuracy"], "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": window["tokens"] / seconds,
+                          "tokens_per_s_per_gpu": window["tokens"] / seconds / dp,
+                          "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                          "mem_gib": memory_gib(), "data_wait_frac": window["data"] / seconds}
+                window = dict.fromkeys(window, 0.0)
+                if rank0:
+                    metrics.write(record)
+                    log.info(log_line(record, train_iters))
+            exiting = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
+            if iteration % cfg.checkpoint.save_interval == 0 or iteration == train_iters or exiting:
+                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity)
+                last_saved = iteration
+                if rank0:
+                    log.info("saved iteration %d to %s", iteration, save)
+            if exiting and iteration < train_iters:
+                if rank0:
+                    log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
+                break
+        if iteration >= train_iters:
+            release_name = cfg.checkpoint.release_dtype or base_config.get("torch_dtype") or "bfloat16"
+            folder = write_release(save, cfg.model.path, model, DTYPES[release_name])
+            if rank0:
+                log.info("release: %s (%s)", folder, release_name)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return record

@@ -1,0 +1,146 @@
+"""Stage-2 checkpoints and the release folder.
+
+    <save>/iter_0000100/   an HF Qwen2.5-VL folder (legacy keys, fp32 master weights, config, tokenizer
+                           files) + optimizer.pt + trainer_state.json + rng_rank<r>.pt (every rank's RNG)
+    <save>/latest_checkpointed_iteration.txt   moved only after the iteration folder is complete
+    <save>/release/        the final weights in the release dtype: what `moca eval` and users load
+
+Weights are replicated over data-parallel ranks: rank 0 writes them and the optimizer state; the
+batch order is a function of the iteration, so the iteration is the data position. A resume reloads the
+weights from the iter folder with transformers (exact fp32) and refuses a changed model, data or batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_moca.checkpointing import TRACKER, iteration_dir
+from megatron_moca.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RELEASE = "release"
+
+
+def latest_iteration(save: str) -> Optional[int]:
+    path = os.path.join(save, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def hf_tensors(model, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The model's weights under the legacy on-disk Qwen2.5-VL names (a tied lm_head is not written)."""
+    from megatron_moca.conversion.mapping import normalize_hf_key
+
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        tensor = tensor.detach().cpu()
+        yield normalize_hf_key(name), tensor.to(dtype) if dtype is not None else tensor
+
+
+def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype) -> None:
+    """An HF folder of `model` in `dtype`: sharded safetensors + index, base's config.json with that
+    torch_dtype, base's tokenizer / processor files."""
+    from megatron_moca.conversion.convert import DTYPE_NAMES
+    from megatron_moca.conversion.hf_io import copy_side_files, read_config, write_sharded
+
+    write_sharded(hf_tensors(model, dtype), folder)
+    config = read_config(base)
+    config["torch_dtype"] = DTYPE_NAMES[dtype]
+    if "dtype" in config:  # transformers >= 5 writes this name
+        config["dtype"] = DTYPE_NAMES[dtype]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    copy_side_files(base, folder)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, identity: Dict[str, object]) -> str:
+    """Write iter_<iteration>/ (collective over the data-parallel ranks) and move the tracker to it."""
+    rank = dist.get_rank()
+    final = iteration_dir(save, iteration)
+    staging = final + ".partial"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    torch.save(_rng_state(), os.path.join(staging, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        write_hf_folder(model, base, staging, torch.float32)
+        torch.save(optimizer.state_dict(), os.path.join(staging, OPTIMIZER_FILE))
+        with open(os.path.join(staging, STATE_FILE), "w") as f:
+            json.dump({"iteration": iteration, "world_size": dist.get_world_size(), **identity}, f, indent=2)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)  # a same-numbered folder of a run killed before its tracker moved
+        os.replace(staging, final)
+        tmp = os.path.join(save, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{iteration}\n")
+        os.replace(tmp, os.path.join(save, TRACKER))
+    dist.barrier()
+    return final
+
+
+def check_resumable(folder: str, identity: Dict[str, object]) -> dict:
+    """The saved trainer state, after checking that the run would continue the same training."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no {STATE_FILE}; not a complete `moca finetune` checkpoint")
+    with open(path) as f:
+        state = json.load(f)
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise UserError(f"cannot resume {folder}: {key} was {state.get(key)!r} and is now {value!r}; "
+                            "start a new run directory (checkpoint.save) or restore the setting")
+    if state["world_size"] != dist.get_world_size():
+        raise UserError(f"cannot resume {folder}: it ran on {state['world_size']} data-parallel ranks, this run has "
+                        f"{dist.get_world_size()} (each rank's batch slice and RNG would differ)")
+    return state
+
+
+def load_optimizer_and_rng(folder: str, optimizer) -> None:
+    optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=False))
+    _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+
+
+def write_release(save: str, base: str, model, dtype: torch.dtype) -> str:
+    """<save>/release/ (rank 0), replacing an older one only once the new one is complete."""
+    folder = os.path.join(save, RELEASE)
+    if dist.get_rank() == 0:
+        staging = folder + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        write_hf_folder(model, base, staging, dtype)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    dist.barrier()
+    return folder

@@ -1,0 +1,122 @@
+"""`moca finetune` (stage 2) on a tiny random Qwen2.5-VL: the run-directory contract, a release folder the
+embedder loads, exact resume, GradCache and 2-process data parallelism equal to one pass, refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import REPO, run_moca, run_torchrun, write_pairs
+
+SMALL = ["model.compute_dtype=float32", "train.global_batch_size=4", "data.max_length=128", "data.num_workers=1",
+         "data.image.min_pixels=3136", "data.image.max_pixels=12544", "logging.log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def _finetune(tiny_hf_dir, pairs, save, *more):
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={save}", *SMALL,
+                    *more)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _metrics(save):
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _training_loss(model_dir, pairs):
+    """InfoNCE (in-batch, temperature 0.03) of all training pairs' queries against their positives."""
+    from megatron_moca.data.image_processing import ImageProcessingConfig
+    from megatron_moca.data.pairs import PairsData, PairsDataConfig
+    from megatron_moca.embed.embedder import MocaEmbedder
+    from megatron_moca.objectives.contrastive import info_nce
+    from megatron_moca.training.contrastive_batches import side_input
+
+    data = PairsData(PairsDataConfig(paths=[pairs]))
+    embedder = MocaEmbedder(model_dir, device="cpu", max_length=128,
+                            image=ImageProcessingConfig(min_pixels=3136, max_pixels=12544))
+    q = embedder.embed([side_input(p.query) for p in data.pairs])
+    p = embedder.embed([side_input(p.positive) for p in data.pairs])
+    return info_nce(q, p)[0].item()
+
+
+def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, tmp_path):
+    save = str(tmp_path / "run")
+    proc = _finetune(tiny_hf_dir, pairs, save, "train.train_iters=12", "optim.lr=1e-4", "checkpoint.save_interval=5",
+                     "logging.log_interval=4")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 12
+    assert "24 pairs in 2 subsets, 6 steps per epoch, 12 iterations" in proc.stderr
+    assert "iter 12/12 | loss" in proc.stderr and "acc" in proc.stderr
+    assert sorted(os.listdir(save)) == ["config.yaml", "iter_0000005", "iter_0000010", "iter_0000012",
+                                        "latest_checkpointed_iteration.txt", "metrics.jsonl", "release"] + \
+        (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "12"
+    records = _metrics(save)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for key in ("loss", "contrastive_loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu",
+                "tflops_per_gpu", "mfu", "mem_gib", "data_wait_frac"):
+        assert key in records[-1], key
+    assert records[-1]["tokens_per_s"] > 0 and records[-1]["tflops_per_gpu"] > 0
+    assert {"optimizer.pt", "rng_rank0.pt", "trainer_state.json", "config.json"} <= set(os.listdir(
+        os.path.join(save, "iter_0000012")))
+    release = os.path.join(save, "release")
+    assert json.load(open(os.path.join(release, "config.json")))["torch_dtype"] == "float32"  # the start's dtype
+    assert _training_loss(release, pairs) < _training_loss(tiny_hf_dir, pairs) - 0.1
+
+
+def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    common = ["train.train_iters=7", "optim.lr=2e-4", "checkpoint.save_interval=3"]
+    _finetune(tiny_hf_dir, pairs, straight, *common)
+    _finetune(tiny_hf_dir, pairs, stopped, *common, "train.exit_interval=4")
+    assert [r["step"] for r in _metrics(stopped)] == [1, 2, 3, 4]
+    os.makedirs(os.path.join(stopped, "iter_0000006.partial"))  # a save cut short by a kill: ignored, replaced
+    resumed = _finetune(tiny_hf_dir, pairs, stopped, *common)
+    assert "resumed from" in resumed.stderr and "iter_0000004" in resumed.stderr
+    a, b = _metrics(straight), _metrics(stopped)
+    assert [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in a] == \
+        [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in b]
+    assert not os.path.exists(os.path.join(stopped, "iter_0000006.partial"))
+
+
+def test_grad_cache_and_two_data_parallel_ranks_equal_one_pass(tiny_hf_dir, pairs, tmp_path):
+    common = ["train.train_iters=3", "optim.lr=2e-4", "checkpoint.save_interval=100"]
+    one, chunked, dp2 = (str(tmp_path / n) for n in ("one", "chunked", "dp2"))
+    _finetune(tiny_hf_dir, pairs, one, *common)
+    _finetune(tiny_hf_dir, pairs, chunked, *common, "train.micro_batch_size=1")
+    proc = run_torchrun(2, os.path.join(REPO, "megatron_moca", "cli.py"), "finetune", f"model.path={tiny_hf_dir}",
+                        f"data.paths={pairs}", f"checkpoint.save={dp2}", *SMALL, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = _metrics(one)
+    for other in (_metrics(chunked), _metrics(dp2)):
+        assert len(other) == len(base) == 3
+        for x, y in zip(base, other):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+            assert y["accuracy"] == x["accuracy"]
+
+
+def test_bad_settings_and_changed_resumes_are_refused(tiny_hf_dir, pairs, tmp_path):
+    proc = run_moca("finetune", f"model.path={tmp_path / 'nope'}", f"data.paths={pairs}", f"checkpoint.save={tmp_path}")
+    assert proc.returncode == 2 and "nope: not a directory" in proc.stderr
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={tmp_path}",
+                    "data.sampler=by_task")
+    assert proc.returncode == 2 and "data.sampler='by_task': expected one of mixed, single_task" in proc.stderr
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={tmp_path}",
+                    "train.global_batch_size=64")
+    assert proc.returncode == 2 and "larger than all subsets together (24 pairs)" in proc.stderr
+    save = str(tmp_path / "run")
+    _finetune(tiny_hf_dir, pairs, save, "train.train_iters=2", "train.exit_interval=1")
+    before = {name: open(os.path.join(save, name)).read() for name in ("config.yaml", "metrics.jsonl")}
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={save}", *SMALL,
+                    "train.train_iters=2", "train.global_batch_size=2")
+    assert proc.returncode == 2 and "global_batch_size was 4 and is now 2" in proc.stderr
+    assert {name: open(os.path.join(save, name)).read() for name in before} == before
+    assert sorted(os.listdir(save)) == ["config.yaml", "iter_0000001", "latest_checkpointed_iteration.txt",
+                                        "metrics.jsonl"] + (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
