@@ -141,8 +141,10 @@ def _cmd_demo(args) -> int:
 def _cmd_data_standin(args) -> int:
     from megatron_moca.eval.standin import build_standin
 
-    out = build_standin(args.input, args.output, max_queries=args.max_queries)
-    print(f"wrote a retrieval stand-in of {out['queries']} queries / {out['documents']} images to {out['output']}")
+    out = build_standin(args.input, args.output, max_queries=args.max_queries, train_pairs=args.train_pairs)
+    print(f"wrote a retrieval stand-in of {out['queries']} queries / {out['documents']} images to {out['output']}"
+          + (f" and {out['train_pairs']} training pairs of other documents to {out['output']}/train"
+             if out["train_pairs"] else ""))
     return 0
 
 
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     standin.add_argument("--input", required=True, help="shard folder (manifest.json)")
     standin.add_argument("--output", required=True, help="new or empty directory")
     standin.add_argument("--max-queries", type=int, default=200)
+    standin.add_argument("--train-pairs", type=int, default=0,
+                         help="also write this many stage-2 pairs of other documents (MMEB-train layout) to OUTPUT/train")
     standin.set_defaults(func=_cmd_data_standin)
 
     ev = sub.add_parser("eval", help="evaluate an HF folder's embeddings; last line: one JSON object of metrics")
@@ -231,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted overrides, e.g. model.path=/models/stage1_hf data.paths=/data/MMEB-train")
     fin.set_defaults(func=_cmd_finetune)
 
-    demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export "
-                                           "-> verify (rerun to continue)")
+    demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export -> "
+                                           "verify -> retrieval eval -> stage 2 -> eval (rerun to continue)")
     demo_run.add_argument("--workdir", default="moca_demo", help="where shards, the run and the export go")
     demo_run.set_defaults(func=_cmd_demo)
 

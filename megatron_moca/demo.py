@@ -4,11 +4,13 @@
     2. moca pretrain           MoCa stage 1 (MLM + MAE) on a tiny random Qwen2.5-VL, resumable
     3. moca convert mcore-to-hf   the stage-1 weights as a Hugging Face folder (MAE decoder dropped)
     4. moca convert verify     that folder against the checkpoint (last line: max_abs_diff=...)
-    5. moca data standin + moca eval --task retrieval   text -> image retrieval on held-in demo pages
+    5. moca data standin + moca eval --task retrieval   a text -> image retrieval stand-in from demo pages
+                               (plus training pairs of other pages), evaluated on the stage-1 export
+    6. moca finetune           MoCa stage 2 (InfoNCE + a hard negative) from the export on those pairs
+    7. moca eval --task retrieval   the stage-2 release on the same held-out stand-in
 
 Each step runs in its own process (the CLI is the contract) and is skipped when its output is
-already in the work directory, so an interrupted demo is rerun with the same command. Stage 2 and
-the evaluation harnesses join here when they exist.
+already in the work directory, so an interrupted demo is rerun with the same command.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ DEMO_PRETRAIN = [
     # 4..64 visual tokens per image keep the tiny run fast (MoCa: 256..1024)
     "sample.image.min_pixels=3136", "sample.image.max_pixels=50176",
 ]
+# one epoch over 512 pairs of pages not in the evaluation stand-in, the same image sizes as stage 1
+DEMO_FINETUNE = [
+    "model.compute_dtype=float32", "train.global_batch_size=8", "train.train_iters=64", "optim.lr=3e-4",
+    "checkpoint.save_interval=32", "logging.log_interval=8", "data.max_length=256",
+    "data.image.min_pixels=3136", "data.image.max_pixels=50176",
+]
+DEMO_EVAL = ["--max-length", "256", "--min-pixels", "3136", "--max-pixels", "50176"]
 
 
 def _moca(args: List[str], log) -> subprocess.CompletedProcess:
@@ -54,50 +63,68 @@ def _discard_interrupted(folder: str) -> None:
         shutil.rmtree(folder)
 
 
-def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = ()) -> dict:
+def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetune_overrides: List[str] = ()) -> dict:
     """Run (or continue) the demo in `workdir`; returns a summary of what was produced.
-    pretrain_overrides: more `key=value` settings for stage 1 (after the embedded default)."""
+    pretrain_overrides / finetune_overrides: more `key=value` settings for stage 1 / stage 2 (after the
+    embedded default)."""
     from megatron_moca.checkpointing import TRACKER
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     shards, stage1 = os.path.join(workdir, "shards"), os.path.join(workdir, "stage1")
     if os.path.isfile(os.path.join(shards, "manifest.json")):
-        log(f"[1/5] demo shards: already in {shards}")
+        log(f"[1/7] demo shards: already in {shards}")
     else:
-        log("[1/5] demo shards")
+        log("[1/7] demo shards")
         _discard_interrupted(shards)
         _moca(["data", "demo", "--output", shards], log)
-    log("[2/5] stage 1 (resumes from the latest checkpoint if there is one)")
+    log("[2/7] stage 1 (resumes from the latest checkpoint if there is one)")
     _moca(["pretrain", *DEMO_PRETRAIN, f"data.paths={shards}", f"checkpoint.save={stage1}", *pretrain_overrides], log)
     with open(os.path.join(stage1, TRACKER)) as f:
         iteration = int(f.read().strip())
     hf = os.path.join(workdir, f"hf_iter_{iteration:07d}")
     if os.path.isfile(os.path.join(hf, "config.json")):
-        log(f"[3/5] Hugging Face export: already in {hf}")
+        log(f"[3/7] Hugging Face export: already in {hf}")
     else:
-        log("[3/5] Hugging Face export of the stage-1 weights")
+        log("[3/7] Hugging Face export of the stage-1 weights")
         _moca(["convert", "mcore-to-hf", "--checkpoint", stage1, "--output", hf], log)
-    log("[4/5] verify the export against the checkpoint")
+    log("[4/7] verify the export against the checkpoint")
     verified = _moca(["convert", "verify", "--hf", hf, "--checkpoint", stage1], log)
-    log("[5/5] retrieval evaluation of the export (stand-in: each document's text -> its image)")
+    log("[5/7] retrieval stand-in (each page's text -> its image) and the stage-1 export's score on it")
     standin = os.path.join(workdir, "retrieval_standin")
-    if not os.path.isfile(os.path.join(standin, "qrels", "test.tsv")):
+    pairs = os.path.join(standin, "train")
+    if not os.path.isfile(os.path.join(pairs, "DemoPairs", "train.jsonl")):
         _discard_interrupted(standin)
-        _moca(["data", "standin", "--input", shards, "--output", standin, "--max-queries", "64"], log)
-    evaluated = _moca(["eval", "--model", hf, "--task", "retrieval", "--data", standin, "--max-length", "512",
-                       "--min-pixels", "3136", "--max-pixels", "50176"], log)  # the image sizes stage 1 saw
-    with open(os.path.join(stage1, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        _moca(["data", "standin", "--input", shards, "--output", standin, "--max-queries", "64",
+               "--train-pairs", "512"], log)
+    before = _moca(["eval", "--model", hf, "--task", "retrieval", "--data", standin, *DEMO_EVAL], log)
+    log("[6/7] stage 2: contrastive fine-tuning of the export on pairs of other pages (resumes if interrupted)")
+    stage2 = os.path.join(workdir, f"stage2_from_iter_{iteration:07d}")
+    _moca(["finetune", *DEMO_FINETUNE, f"model.path={hf}", f"data.paths={pairs}", f"checkpoint.save={stage2}",
+           *finetune_overrides], log)
+    log("[7/7] the stage-2 release on the same stand-in")
+    release = os.path.join(stage2, "release")
+    after = _moca(["eval", "--model", release, "--task", "retrieval", "--data", standin, *DEMO_EVAL], log)
+
+    def records(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    s1, s2 = records(stage1), records(stage2)
+    keys1, keys2 = ("step", "loss", "mlm_loss", "mae_loss"), ("step", "loss", "accuracy")
     summary = {"workdir": workdir, "shards": shards, "stage1": stage1, "hf": hf, "iteration": iteration,
-               "first": {k: records[0][k] for k in ("step", "loss", "mlm_loss", "mae_loss")},
-               "last": {k: records[-1][k] for k in ("step", "loss", "mlm_loss", "mae_loss")},
+               "first": {k: s1[0][k] for k in keys1}, "last": {k: s1[-1][k] for k in keys1},
                "verify": verified.stdout.strip().splitlines()[-1],
-               "retrieval": json.loads(evaluated.stdout.strip().splitlines()[-1])}
+               "stage2": stage2, "release": release,
+               "stage2_first": {k: s2[0][k] for k in keys2}, "stage2_last": {k: s2[-1][k] for k in keys2},
+               "retrieval": json.loads(before.stdout.strip().splitlines()[-1]),
+               "retrieval_stage2": json.loads(after.stdout.strip().splitlines()[-1])}
     log(f"stage 1: loss {summary['first']['loss']:.3f} at step {summary['first']['step']} -> "
         f"{summary['last']['loss']:.3f} at step {summary['last']['step']}; export {hf}: {summary['verify']}")
-    r = summary["retrieval"]
-    log(f"retrieval stand-in ({r['queries']} queries, {r['documents']} images): nDCG@5 {r['ndcg@5']:.3f}, "
-        f"recall@1 {r['recall@1']:.3f} (chance: recall@1 = {1 / r['documents']:.3f})")
-    log("stage 2 (contrastive fine-tuning) is not built yet: this evaluates the stage-1 weights")
+    log(f"stage 2: loss {summary['stage2_first']['loss']:.3f} at step {summary['stage2_first']['step']} -> "
+        f"{summary['stage2_last']['loss']:.3f} at step {summary['stage2_last']['step']}; release {release}")
+    for name, r in (("stage-1 export", summary["retrieval"]), ("stage-2 release", summary["retrieval_stage2"])):
+        log(f"retrieval stand-in, {name} ({r['queries']} queries, {r['documents']} images): nDCG@10 "
+            f"{r['ndcg@10']:.3f}, recall@1 {r['recall@1']:.3f}, recall@10 {r['recall@10']:.3f} (chance: recall@1 "
+            f"{1 / r['documents']:.3f}, recall@10 {min(1.0, 10 / r['documents']):.3f})")
     return summary

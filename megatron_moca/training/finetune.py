@@ -224,7 +224,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     o = cfg.optim
     record: Dict[str, float] = {}
     window = {"seconds": 0.0, "data": 0.0, "tokens": 0.0, "flops": 0.0}
-    last_saved = iteration
+    last_saved = last_started = iteration
     try:
         while iteration < train_iters:
             start = time.perf_counter()
@@ -275,7 +275,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                 if rank0:
                     log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
                 break
-        if iteration >= train_iters:
+        release_done = os.path.isfile(os.path.join(save, "release", "config.json"))
+        if iteration >= train_iters and (iteration > last_started or not release_done):
             release_name = cfg.checkpoint.release_dtype or base_config.get("torch_dtype") or "bfloat16"
             folder = write_release(save, cfg.model.path, model, DTYPES[release_name])
             if rank0:
