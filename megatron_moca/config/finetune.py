@@ -1,6 +1,7 @@
 """The stage-2 (`moca finetune`) configuration: YAML sections with Megatron's key names.
 
     model:      the HF Qwen2.5-VL folder to start from (a `moca convert mcore-to-hf` export of stage 1)
+    parallel:   optimizer-state sharding over the data-parallel ranks
     train:      iterations (default: one epoch), global batch of pairs, GradCache chunk, seed
     optim:      AdamW, clipping, LR warmup + decay (config.pretrain.OptimConfig, stage-2 defaults)
     checkpoint: run directory, save interval, release dtype
@@ -37,6 +38,15 @@ class FinetuneModelConfig:
     """Autocast dtype of the forward/backward (bfloat16 or float32); weights and AdamW state stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+
+
+@dataclass
+class FinetuneParallelConfig:
+    """Stage 2 is data parallel: every process holds the whole model."""
+
+    use_distributed_optimizer: bool = True
+    """Shard the AdamW state over the data-parallel ranks (ZeRO-1, torch ZeroRedundancyOptimizer): per
+    GPU, 3B needs ~34 GB of weights + gradients + 1/N of the state instead of ~60 GB."""
 
 
 @dataclass
@@ -80,6 +90,7 @@ class FinetuneConfig:
     """MoCa stage 2: heterogeneous contrastive fine-tuning of the bidirectional embedder."""
 
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    parallel: FinetuneParallelConfig = field(default_factory=FinetuneParallelConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     optim: OptimConfig = field(default_factory=_stage2_optim)
     checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)

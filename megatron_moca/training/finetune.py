@@ -54,13 +54,19 @@ def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
 
 
 def _optimizer(cfg: FinetuneConfig, params: List[torch.nn.Parameter], device: torch.device):
-    """AdamW; no weight decay on biases and norm scales (1-D tensors)."""
+    """AdamW, its state sharded over the data-parallel ranks where parallel.use_distributed_optimizer (each
+    rank updates its share of the parameters and broadcasts them); no weight decay on biases and norm
+    scales (1-D tensors)."""
     o = cfg.optim
     decay = [p for p in params if p.dim() > 1]
     plain = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                             fused=device.type == "cuda")
+    options = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, fused=device.type == "cuda")
+    if cfg.parallel.use_distributed_optimizer and dist.get_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 def sum_gradients(params: List[torch.nn.Parameter], group=None) -> None:

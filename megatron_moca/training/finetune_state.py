@@ -1,11 +1,12 @@
 """Stage-2 checkpoints and the release folder.
 
     <save>/iter_0000100/   an HF Qwen2.5-VL folder (legacy keys, fp32 master weights, config, tokenizer
-                           files) + optimizer.pt + trainer_state.json + rng_rank<r>.pt (every rank's RNG)
+                           files) + trainer_state.json + rng_rank<r>.pt (every rank's RNG) + the AdamW
+                           state: optimizer.pt, or optimizer_rank<r>.pt (each rank's shard) when sharded
     <save>/latest_checkpointed_iteration.txt   moved only after the iteration folder is complete
     <save>/release/        the final weights in the release dtype: what `moca eval` and users load
 
-Weights are replicated over data-parallel ranks: rank 0 writes them and the optimizer state; the
+Weights are replicated over data-parallel ranks: rank 0 writes them (and a replicated optimizer); the
 batch order is a function of the iteration, so the iteration is the data position. A resume reloads the
 weights from the iter folder with transformers (exact fp32) and refuses a changed model, data or batch.
 """
@@ -27,6 +28,17 @@ from megatron_moca.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+def _optimizer_file(folder: str, optimizer) -> str:
+    """Where this rank's optimizer state goes: a sharded (ZeRO) optimizer's local part is per rank."""
+    if hasattr(optimizer, "consolidate_state_dict"):
+        return os.path.join(folder, f"optimizer_rank{dist.get_rank()}.pt")
+    return os.path.join(folder, OPTIMIZER_FILE)
+
+
+def _local_optimizer(optimizer):
+    return getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the rank's AdamW
 RELEASE = "release"
 
 
@@ -93,9 +105,13 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
         os.makedirs(staging)
     dist.barrier()
     torch.save(_rng_state(), os.path.join(staging, f"rng_rank{rank}.pt"))
+    sharded = hasattr(optimizer, "consolidate_state_dict")
+    if sharded:
+        torch.save(_local_optimizer(optimizer).state_dict(), _optimizer_file(staging, optimizer))
     if rank == 0:
         write_hf_folder(model, base, staging, torch.float32)
-        torch.save(optimizer.state_dict(), os.path.join(staging, OPTIMIZER_FILE))
+        if not sharded:
+            torch.save(optimizer.state_dict(), _optimizer_file(staging, optimizer))
         with open(os.path.join(staging, STATE_FILE), "w") as f:
             json.dump({"iteration": iteration, "world_size": dist.get_world_size(), **identity}, f, indent=2)
     dist.barrier()
@@ -128,7 +144,12 @@ def check_resumable(folder: str, identity: Dict[str, object]) -> dict:
 
 
 def load_optimizer_and_rng(folder: str, optimizer) -> None:
-    optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=False))
+    path = _optimizer_file(folder, optimizer)
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume {folder}: no {os.path.basename(path)} (was parallel.use_distributed_optimizer "
+                        "changed? set it as the run had it)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _local_optimizer(optimizer).load_state_dict(state)
     _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
 
 

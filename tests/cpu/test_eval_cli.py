@@ -26,6 +26,23 @@ def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
 
+def test_standin_training_pairs_are_other_documents_in_the_mmeb_train_layout(tmp_path):
+    from megatron_moca.data.pairs import PairsData, PairsDataConfig
+
+    shards = write_stage1_shards(tmp_path / "shards", documents=12)  # 8 with an image
+    standin = str(tmp_path / "standin")
+    proc = run_moca("data", "standin", "--input", shards, "--output", standin, "--max-queries", "100",
+                    "--train-pairs", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 queries / 4 images" in proc.stdout and "4 training pairs" in proc.stdout  # half left for training
+    evaluated = {json.loads(line)["source_key"] for line in open(os.path.join(standin, "corpus.jsonl"))}
+    rows = [json.loads(line) for line in open(os.path.join(standin, "train", "DemoPairs", "train.jsonl"))]
+    assert not evaluated & {r["source_key"] for r in rows} and len(evaluated) == 4
+    data = PairsData(PairsDataConfig(paths=[os.path.join(standin, "train")]))
+    assert data.fingerprint() == {"DemoPairs": 4}
+    assert all(p.positive[1] and len(p.negatives) == 1 and p.negatives[0][1] != p.positive[1] for p in data.pairs)
+
+
 def write_mmeb(root):
     """Two subsets in the MMEB-eval layout; where the positive (candidate 0) is the query itself it must
     rank first, where the query's twin is another candidate the row must miss."""

@@ -86,13 +86,17 @@ def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
 
 
 def test_grad_cache_and_two_data_parallel_ranks_equal_one_pass(tiny_hf_dir, pairs, tmp_path):
+    """GradCache chunks of one input, and 2 gloo processes with the AdamW state sharded over them (ZeRO-1),
+    stopped after step 2 and resumed: the same losses and gradient norms as one pass in one process."""
     common = ["train.train_iters=3", "optim.lr=2e-4", "checkpoint.save_interval=100"]
     one, chunked, dp2 = (str(tmp_path / n) for n in ("one", "chunked", "dp2"))
     _finetune(tiny_hf_dir, pairs, one, *common)
     _finetune(tiny_hf_dir, pairs, chunked, *common, "train.micro_batch_size=1")
-    proc = run_torchrun(2, os.path.join(REPO, "megatron_moca", "cli.py"), "finetune", f"model.path={tiny_hf_dir}",
-                        f"data.paths={pairs}", f"checkpoint.save={dp2}", *SMALL, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for more in (["train.exit_interval=2"], []):
+        proc = run_torchrun(2, os.path.join(REPO, "megatron_moca", "cli.py"), "finetune", f"model.path={tiny_hf_dir}",
+                            f"data.paths={pairs}", f"checkpoint.save={dp2}", *SMALL, *common, *more)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= set(os.listdir(os.path.join(dp2, "iter_0000002")))
     base = _metrics(one)
     for other in (_metrics(chunked), _metrics(dp2)):
         assert len(other) == len(base) == 3

@@ -2,7 +2,6 @@
 the image pipeline `auto` picks (device_resize without DALI), SDPA attention, full activation recompute;
 a short run that learns, stops at train.exit_interval and resumes to the end."""
 
-import io
 import json
 import os
 
@@ -12,25 +11,9 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def synthetic_pictures():
-    """Three PNGs drawn with Pillow (the card may lack scikit-image's sample photographs)."""
-    from PIL import Image, ImageDraw
-
-    out = []
-    for i, size in enumerate([(160, 120), (96, 200), (224, 224)]):
-        image = Image.new("RGB", size, (30 * i, 90, 160))
-        draw = ImageDraw.Draw(image)
-        for k in range(0, size[0], 16):
-            draw.line([(k, 0), (size[0] - k, size[1])], fill=(255 - 40 * i, 20 * k % 255, 60), width=3)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
-
-
 @pytest.mark.timeout(420)  # two processes, each starting CUDA and megatron
 def test_bf16_stage1_run_learns_and_resumes_on_gpu(tmp_path):
-    from helpers import REPO, run_moca, write_stage1_shards
+    from helpers import REPO, run_moca, synthetic_pictures, write_stage1_shards
 
     shards = write_stage1_shards(tmp_path / "shards", documents=24, pictures=synthetic_pictures())
     save = str(tmp_path / "run")
