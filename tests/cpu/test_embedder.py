@@ -75,3 +75,27 @@ def test_bad_inputs_are_named(embedder, tmp_path):
 
     with pytest.raises(UserError):
         MocaEmbedder(str(tmp_path))
+
+
+def test_a_folder_laid_out_like_the_official_moca_releases_loads(embedder, items, tiny_hf_dir, tmp_path):
+    """The reference saves its Qwen2_5ForEmbedding with save_pretrained: legacy keys, its own class in
+    `architectures`, and (stage-1 checkpoints) the MLM/MAE heads mae_decoder.* / mae_proj.*; the embedder
+    reads the Qwen2.5-VL weights and ignores the rest."""
+    import json
+    import shutil
+
+    from megatron_moca.conversion.hf_io import SafetensorsReader, write_sharded
+    from megatron_moca.embed.embedder import MocaEmbedder
+
+    release = tmp_path / "MoCa-Qwen25VL-tiny"
+    release.mkdir()
+    reader = SafetensorsReader(tiny_hf_dir)
+    tensors = [(k, reader.get(k)) for k in reader.keys()]
+    tensors += [("mae_decoder.mlp.up_proj.weight", torch.zeros(8, 4)), ("mae_proj.weight", torch.zeros(4704, 4))]
+    write_sharded(iter(tensors), str(release))
+    config = json.load(open(os.path.join(tiny_hf_dir, "config.json")))
+    config["architectures"] = ["Qwen2_5ForEmbedding"]
+    json.dump(config, open(release / "config.json", "w"))
+    shutil.copy(os.path.join(tiny_hf_dir, "preprocessor_config.json"), release)
+    official = MocaEmbedder(str(release), device="cpu", image=embedder.inputs.builder.cfg.image)
+    assert (official.embed(items) - embedder.embed(items)).abs().max() < 1e-6
