@@ -222,18 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-pixels", type=int, default=1024 * 28 * 28, help="largest resized image area (1024 tokens)")
     ev.set_defaults(func=_cmd_eval)
 
-    pre = sub.add_parser("pretrain", help="MoCa stage 1 (joint MLM + MAE) on megatron-core; torchrun for >1 process")
-    pre.add_argument("--config", default=None, help="YAML recipe (examples/pretrain_*.yaml); default: built-in defaults")
-    pre.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides, e.g. train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b")
-    pre.set_defaults(func=_cmd_pretrain)
-
-    fin = sub.add_parser("finetune", help="MoCa stage 2 (contrastive, InfoNCE + hard negatives) on an HF folder; "
-                                          "torchrun for >1 process")
-    fin.add_argument("--config", default=None, help="YAML recipe (examples/finetune_*.yaml); default: built-in defaults")
-    fin.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides, e.g. model.path=/models/stage1_hf data.paths=/data/MMEB-train")
-    fin.set_defaults(func=_cmd_finetune)
+    for name, func, what, example in (
+            ("pretrain", _cmd_pretrain, "MoCa stage 1 (joint MLM + MAE) on megatron-core",
+             "train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b"),
+            ("finetune", _cmd_finetune, "MoCa stage 2 (contrastive, InfoNCE + hard negatives) on an HF folder",
+             "model.path=/models/stage1_hf data.paths=/data/MMEB-train")):
+        stage = sub.add_parser(name, help=f"{what}; torchrun for >1 process")
+        stage.add_argument("--config", default=None,
+                           help=f"YAML recipe (examples/{name}_*.yaml); default: built-in defaults")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+        stage.set_defaults(func=func)
 
     demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export -> "
                                            "verify -> retrieval eval -> stage 2 -> eval (rerun to continue)")

@@ -249,3 +249,17 @@ def synthetic_pictures():
         image.save(buffer, format="PNG")
         out.append(buffer.getvalue())
     return out
+
+
+def stopped_and_resumed(args, save, stop_at):
+    """Run `moca *args` to train.exit_interval=stop_at, rerun it to the end (an automatic resume), and
+    return the run's metrics.jsonl records."""
+    import json
+
+    first = run_moca(*args, f"train.exit_interval={stop_at}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_moca(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

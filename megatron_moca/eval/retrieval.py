@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict
 
-import torch
-
 from megatron_moca.embed.inputs import embedder_input
 from megatron_moca.eval.beir import BeirData, Entry
 from megatron_moca.eval.metrics import retrieval_metrics

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from typing import Dict, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_moca.checkpointing import TRACKER, iteration_dir
 from megatron_moca.errors import UserError
+from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -80,21 +79,6 @@ def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype) -> None:
     copy_side_files(base, folder)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, identity: Dict[str, object]) -> str:
     """Write iter_<iteration>/ (collective over the data-parallel ranks) and move the tracker to it."""
     rank = dist.get_rank()
@@ -104,7 +88,7 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    torch.save(_rng_state(), os.path.join(staging, f"rng_rank{rank}.pt"))
+    torch.save(process_rng_state(), os.path.join(staging, f"rng_rank{rank}.pt"))
     sharded = hasattr(optimizer, "consolidate_state_dict")
     if sharded:
         torch.save(_local_optimizer(optimizer).state_dict(), _optimizer_file(staging, optimizer))
@@ -150,7 +134,7 @@ def load_optimizer_and_rng(folder: str, optimizer) -> None:
                         "changed? set it as the run had it)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     _local_optimizer(optimizer).load_state_dict(state)
-    _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+    set_process_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
 
 
 def write_release(save: str, base: str, model, dtype: torch.dtype) -> str:

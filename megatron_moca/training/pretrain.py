@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist

@@ -23,6 +23,7 @@ from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.distributed.runtime import ParallelLayout
 from megatron_moca.errors import UserError
 from megatron_moca.training.optimizer import prime_optimizer_state
+from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
 
 @dataclass
@@ -44,31 +45,15 @@ def _layout_dict(layout: ParallelLayout) -> dict:
 
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    state["tracker"] = get_cuda_rng_tracker().get_states()
-    return state
+    return {**process_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    set_process_rng_state(state)
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 

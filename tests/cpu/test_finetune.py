@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from helpers import REPO, run_moca, run_torchrun, write_pairs
 

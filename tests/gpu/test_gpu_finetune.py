@@ -33,7 +33,7 @@ def write_pairs_with(folder, pictures):
 
 @pytest.mark.timeout(300)
 def test_bf16_stage2_run_learns_resumes_and_releases_on_gpu(tmp_path):
-    from helpers import run_moca, synthetic_pictures, tiny_config
+    from helpers import stopped_and_resumed, synthetic_pictures, tiny_config
 
     from megatron_moca.conversion.random_hf import write_random_hf
 
@@ -46,13 +46,7 @@ def test_bf16_stage2_run_learns_resumes_and_releases_on_gpu(tmp_path):
             "train.micro_batch_size=3", "train.train_iters=12", "optim.lr=2e-4", "logging.log_interval=1",
             "checkpoint.save_interval=100", "data.max_length=128", "data.image.min_pixels=3136",
             "data.image.max_pixels=12544", "checkpoint.release_dtype=bfloat16"]
-    first = run_moca(*args, "train.exit_interval=6")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_moca(*args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    records = stopped_and_resumed(args, save, stop_at=6)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     early = sum(r["loss"] for r in records[:3]) / 3

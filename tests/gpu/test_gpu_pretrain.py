@@ -2,7 +2,6 @@
 the image pipeline `auto` picks (device_resize without DALI), SDPA attention, full activation recompute;
 a short run that learns, stops at train.exit_interval and resumes to the end."""
 
-import json
 import os
 
 import pytest
@@ -13,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.timeout(420)  # two processes, each starting CUDA and megatron
 def test_bf16_stage1_run_learns_and_resumes_on_gpu(tmp_path):
-    from helpers import REPO, run_moca, synthetic_pictures, write_stage1_shards
+    from helpers import REPO, stopped_and_resumed, synthetic_pictures, write_stage1_shards
 
     shards = write_stage1_shards(tmp_path / "shards", documents=24, pictures=synthetic_pictures())
     save = str(tmp_path / "run")
@@ -22,13 +21,7 @@ def test_bf16_stage1_run_learns_and_resumes_on_gpu(tmp_path):
             "sample.image_pipeline=auto", "model.attention_backend=sdpa",  # no flex compile: a quick test
             "sample.max_length=100", "data.pack_length=128", "train.train_iters=12", "logging.log_interval=1",
             "checkpoint.save_interval=100"]
-    first = run_moca(*args, "train.exit_interval=6")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_moca(*args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    records = stopped_and_resumed(args, save, stop_at=6)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["mlm_loss"] < records[0]["mlm_loss"] - 0.3, [r["mlm_loss"] for r in records]
