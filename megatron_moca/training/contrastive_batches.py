@@ -43,7 +43,7 @@ class ContrastiveSteps(torch.utils.data.Dataset):
                   "negatives": self._chunks([side_input(n) for row in negatives for n in row])}
         tokens = sum(int(b["valid"].sum()) for chunks in groups.values() for b in chunks)
         return {**groups, "negative_index": hard_negative_index([len(row) for row in negatives], self.k),
-                "subsets": sorted({p.subset for p in pairs}), "tokens": tokens, "step": step}
+                "tokens": tokens, "step": step}
 
 
 def step_loader(steps: ContrastiveSteps, start: int, num_workers: int):

@@ -103,8 +103,8 @@ class ContrastiveStep:
     """Forward + backward of one global batch on this rank: InfoNCE over gathered embeddings, with
     GradCache when a group has more than one chunk."""
 
-    def __init__(self, backbone, cfg: FinetuneConfig, device: torch.device, hidden_size: int):
-        self.backbone, self.cfg, self.device, self.hidden = backbone, cfg, device, hidden_size
+    def __init__(self, backbone, cfg: FinetuneConfig, device: torch.device):
+        self.backbone, self.cfg, self.device = backbone, cfg, device
         self.autocast = cfg.model.compute_dtype == "bfloat16"
 
     def encode(self, batch: dict) -> torch.Tensor:
@@ -155,18 +155,6 @@ def _step_flops(model_cfg, step: dict, grad_cache: bool) -> float:
     return total * (4 / 3 if grad_cache else 1.0)  # GradCache: one more forward (a third of fwd + bwd)
 
 
-def _write_config(cfg: FinetuneConfig) -> None:
-    import yaml
-
-    from megatron_moca.config.loading import to_dict
-    from megatron_moca.training.pretrain import CONFIG_FILE
-
-    path = os.path.join(cfg.checkpoint.save, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(path + ".tmp", path)
-
-
 def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     """Run (or resume) stage 2; returns the last logged metrics record."""
     from megatron_moca.conversion.hf_config import model_config_from_hf
@@ -179,7 +167,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     from megatron_moca.training.finetune_state import (check_resumable, latest_iteration, load_optimizer_and_rng,
                                                        save_checkpoint, write_release)
     from megatron_moca.training.metrics import MetricsWriter, device_peak_tflops, log_line, memory_gib
-    from megatron_moca.training.pretrain import TrainingError
+    from megatron_moca.training.pretrain import TrainingError, write_resolved_config
     from megatron_moca.training.schedule import learning_rate
     from megatron_moca.checkpointing import iteration_dir
 
@@ -215,7 +203,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
             log.info("resumed from %s at iteration %d", folder, iteration)
     if rank0:  # only now: a refused resume leaves the run directory as it was
         os.makedirs(save, exist_ok=True)
-        _write_config(cfg)
+        write_resolved_config(cfg)
         log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks",
                  len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp)
 
@@ -223,7 +211,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
                              cfg.train.micro_batch_size)
     loader = step_loader(steps, iteration, cfg.data.num_workers)
-    step_fn = ContrastiveStep(model.model, cfg, device, model_cfg.language.hidden_size)
+    step_fn = ContrastiveStep(model.model, cfg, device)
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
     peak = device_peak_tflops(cfg.logging.peak_tflops)
     warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)

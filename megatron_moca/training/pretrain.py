@@ -35,7 +35,8 @@ class TrainingError(UserError):
     """The run cannot go on (e.g. a non-finite loss); the last checkpoint is intact."""
 
 
-def _write_config(cfg: PretrainConfig) -> None:
+def write_resolved_config(cfg) -> None:
+    """<save>/config.yaml: the run's config as resolved (file + overrides + defaults), replaced atomically."""
     import yaml
 
     path = os.path.join(cfg.checkpoint.save, CONFIG_FILE)
@@ -133,7 +134,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
             log.info("resumed from %s at iteration %d", resumed.folder, iteration)
     if rank0:  # only now: a resume refused above leaves the run directory as it was
         os.makedirs(save, exist_ok=True)
-        _write_config(cfg)
+        write_resolved_config(cfg)
 
     num_micro = cfg.num_microbatches(world)
     tokens = cfg.model.tokens
