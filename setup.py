@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
-        # scikit-image ships real test images; DALI's CPU operators test the GPU decode pipeline's graph
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow"],
+        # scikit-image ships real test images; DALI's CPU operators test the GPU decode pipeline's graph;
+        # cairosvg draws the SVG stamps of the Tux Paint evaluation set
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow", "cairosvg"],
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

@@ -138,6 +138,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_data_evalset(args) -> int:
+    from megatron_moca.eval.tuxpaint import build_tuxpaint
+
+    out = build_tuxpaint(args.output, cache=args.cache, log=lambda line: print(line, flush=True))
+    skipped = ", ".join(f"{n} {why}" for why, n in out["skipped"].items() if n)
+    print(f"wrote {out['name']} ({out['source']}): {out['queries']} caption queries, {out['documents']} images to "
+          f"{out['output']}" + (f"; skipped {skipped}" if skipped else ""))
+    return 0
+
+
 def _cmd_data_standin(args) -> int:
     from megatron_moca.eval.standin import build_standin
 
@@ -160,15 +170,16 @@ def _cmd_eval(args) -> int:
         subsets(args.data)
     else:
         from megatron_moca.eval.beir import read_beir
-        from megatron_moca.eval.retrieval import TASK_PROMPTS, evaluate_retrieval
+        from megatron_moca.eval.retrieval import TASK_PROMPTS, dataset_prompts, evaluate_retrieval
 
         data = read_beir(args.data, split=args.split)
+        prompts = dataset_prompts(args.data, TASK_PROMPTS[args.task])
     embedder = MocaEmbedder(args.model, max_length=args.max_length,
                             image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, args.data, batch_size=args.batch_size, limit=args.limit, log=log)
     else:
-        metrics = evaluate_retrieval(embedder, data, TASK_PROMPTS[args.task], batch_size=args.batch_size, log=log)
+        metrics = evaluate_retrieval(embedder, data, prompts, batch_size=args.batch_size, log=log)
     print(json.dumps({"task": args.task, **metrics}))
     return 0
 
@@ -201,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=0)
     demo.set_defaults(func=_cmd_data_demo)
 
+    evalset = dsub.add_parser("evalset", help="a held-out evaluation set from pinned packages (BEIR layout)")
+    evalset.add_argument("--name", required=True, choices=("tuxpaint",),
+                         help="tuxpaint: Tux Paint stamp captions -> stamp images (792 images, 707 captions)")
+    evalset.add_argument("--output", required=True, help="new or empty directory")
+    evalset.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb files are downloaded and unpacked")
+    evalset.set_defaults(func=_cmd_data_evalset)
     standin = dsub.add_parser("standin", help="an offline text->image retrieval set (BEIR layout) from shards")
     standin.add_argument("--input", required=True, help="shard folder (manifest.json)")
     standin.add_argument("--output", required=True, help="new or empty directory")

@@ -48,14 +48,17 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def fetch_packages(cache: str, log=print) -> List[Tuple[str, str]]:
-    """Download (cached, checksummed) and unpack every pinned package; returns (package, version) used."""
+def fetch_packages(cache: str, log=print, packages: Sequence[Tuple[str, str, str]] = PINNED,
+                   alternative: str = "build shards from your own documents with `moca data prepare`"
+                   ) -> List[Tuple[str, str]]:
+    """Download (cached, checksummed) and unpack each pinned (package, version, sha256); returns the
+    (package, version) pairs used. `alternative`: what the user can do where apt is unavailable."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise UserError("the demo corpus is built from Debian packages, but apt-get/dpkg-deb are unavailable here; "
-                        "build shards from your own interleaved documents with `moca data prepare`")
+        raise UserError(f"this data is built from Debian packages, but apt-get/dpkg-deb are unavailable here; "
+                        f"{alternative}")
     os.makedirs(cache, exist_ok=True)
     used = []
-    for package, version, sha in PINNED:
+    for package, version, sha in packages:
         target = os.path.join(cache, "extracted", package)
         stamp = os.path.join(target, ".complete")
         if os.path.isfile(stamp):
@@ -69,8 +72,7 @@ def fetch_packages(cache: str, log=print) -> List[Tuple[str, str]]:
                 log(f"{package}={version} not available ({proc.stderr.strip()[-200:]}); trying the current version")
                 proc = subprocess.run(["apt-get", "download", package], cwd=cache, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise UserError(f"apt-get download {package} failed: {proc.stderr.strip()[-300:]}; build shards "
-                                f"from your own documents with `moca data prepare` instead")
+                raise UserError(f"apt-get download {package} failed: {proc.stderr.strip()[-300:]}; {alternative}")
             debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
         deb = os.path.join(cache, sorted(debs)[-1])
         got = _sha256(deb)

@@ -29,6 +29,28 @@ TASK_PROMPTS = {
 }
 
 
+PROMPTS_FILE = "moca_prompts.json"
+
+
+def dataset_prompts(folder: str, default: Prompts) -> Prompts:
+    """The prompts a data folder asks for in its moca_prompts.json (stand-ins built here write one), else default."""
+    import dataclasses
+    import json
+    import os
+
+    from megatron_moca.errors import UserError
+
+    path = os.path.join(folder, PROMPTS_FILE)
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        given = json.load(f)
+    names = {f.name for f in dataclasses.fields(Prompts)}
+    if not isinstance(given, dict) or set(given) - names:
+        raise UserError(f"{path}: expected an object with keys among {sorted(names)}")
+    return dataclasses.replace(default, **given)
+
+
 def _item(entry: Entry, template: str):
     return embedder_input(template.format(text=entry.text), entry.image, "<img>")
 

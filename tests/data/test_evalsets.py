@@ -1,0 +1,63 @@
+"""Held-out evaluation sets from pinned packages: Tux Paint stamps (captions -> images, fetched with apt-get
+in CI, ~160 MB), its stamp rules on a hand-made tree, and `moca eval` with the prompts the set names."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from helpers import run_moca
+from megatron_moca.errors import UserError
+from megatron_moca.eval.retrieval import Prompts, dataset_prompts
+from megatron_moca.eval.tuxpaint import stamp_pairs
+
+needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt-get is not on this machine")
+
+
+def test_stamp_rules(tmp_path):
+    def stamp(rel, caption, *exts):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if caption is not None:
+            path.with_suffix(".txt").write_text(f"{caption}\nfr.utf8=Une traduction.\n")
+        for ext in exts:
+            path.with_suffix(ext).write_bytes(b"image")
+
+    stamp("animals/frog", "A frog.", ".png", ".svg")  # PNG preferred
+    stamp("space/moon", "The Moon.", ".svg")
+    stamp("symbols/alphabets/asl/a", "The letter A.", ".png")  # alphabet letters are left out
+    stamp("food/apple", None, ".png")  # no caption file: not a stamp pair
+    stamp("food/pear", "A pear.")  # caption without an image
+    assert [(os.path.relpath(p, tmp_path), c) for p, c in stamp_pairs(str(tmp_path))] == [
+        ("animals/frog.png", "A frog."), ("space/moon.svg", "The Moon.")]
+
+
+def test_dataset_prompts_override_the_task_default(tmp_path):
+    assert dataset_prompts(str(tmp_path), Prompts()) == Prompts()
+    (tmp_path / "moca_prompts.json").write_text(json.dumps({"query": "Q: {text}"}))
+    assert dataset_prompts(str(tmp_path), Prompts()) == Prompts(query="Q: {text}")
+    (tmp_path / "moca_prompts.json").write_text(json.dumps({"queries": "Q: {text}"}))
+    with pytest.raises(UserError, match="keys among"):
+        dataset_prompts(str(tmp_path), Prompts())
+
+
+@needs_apt
+def test_tuxpaint_set_has_the_documented_counts_and_evaluates(tiny_hf_dir, tmp_path_factory):
+    cache = os.environ.get("MOCA_DEMO_CACHE") or str(tmp_path_factory.mktemp("debian"))
+    out = str(tmp_path_factory.mktemp("evalsets") / "tuxpaint")
+    proc = run_moca("data", "evalset", "--name", "tuxpaint", "--output", out, "--cache", cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(os.path.join(out, "evalset.json")))
+    # spec data-sources.md: 792 pairs (627 PNG + 165 SVG), 707 unique captions
+    assert (summary["queries"], summary["documents"]) == (707, 792), summary
+    qrels = [line.split("\t")[0] for line in open(os.path.join(out, "qrels", "test.tsv")).read().split("\n")[1:] if line]
+    shared = {q for q in qrels if qrels.count(q) > 1}
+    assert len(qrels) == 792 and len(shared) == 71  # captions of several stamps: several positives
+    again = run_moca("data", "evalset", "--name", "tuxpaint", "--output", out, "--cache", cache)
+    assert again.returncode == 2 and "not an empty directory" in again.stderr
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", out, "--max-length", "64",
+                    "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["queries"] == 707 and metrics["documents"] == 792 and 0 <= metrics["ndcg@10"] <= 1
