@@ -171,6 +171,13 @@ def wordnet_documents(root: str, glosses_per_document: int = 40) -> Iterator[Doc
         yield Document(f"wordnet-{n:06d}", ["\n".join(batch)], [], "wordnet-base")
 
 
+def render_page_png(page) -> bytes:
+    """A pypdfium2 page rendered at 72 dpi (as `pdftoppm -r 72`), RGB PNG bytes."""
+    buf = io.BytesIO()
+    page.render(scale=1.0).to_pil().convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def pdf_page_documents(folder: str, names: Sequence[str], max_pages: int = 0) -> Iterator[Document]:
     """One document per PDF page: the page rendered at 72 dpi (PNG) followed by its text layer."""
     import pypdfium2 as pdfium
@@ -183,11 +190,9 @@ def pdf_page_documents(folder: str, names: Sequence[str], max_pages: int = 0) ->
                 if max_pages and count >= max_pages:
                     return
                 page = pdf[i]
-                buf = io.BytesIO()
-                page.render(scale=1.0).to_pil().convert("RGB").save(buf, format="PNG")
                 text = re.sub(r"[ \t]*\r?\n", "\n", page.get_textpage().get_text_range()).strip()
                 segments = [0, text + "\n"] if text else [0]
-                yield Document(f"rdoc-{name[:-4]}-p{i + 1:04d}", segments, [buf.getvalue()], "r-doc-pdf",
+                yield Document(f"rdoc-{name[:-4]}-p{i + 1:04d}", segments, [render_page_png(page)], "r-doc-pdf",
                                {"pdf": name, "page": i + 1})
                 count += 1
         finally:

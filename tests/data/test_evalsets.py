@@ -61,3 +61,33 @@ def test_tuxpaint_set_has_the_documented_counts_and_evaluates(tiny_hf_dir, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 707 and metrics["documents"] == 792 and 0 <= metrics["ndcg@10"] <= 1
+
+
+def test_outline_sections_run_to_the_next_entry_at_their_level():
+    from megatron_moca.eval.mini_vidore import outline_sections
+
+    entries = [(0, "1 Intro", 0), (1, "1.1 Setup", 1), (1, "1.2 Use", 1), (0, "2 Long chapter", 3),
+               (0, "3 End", 12), (0, "1 Intro", 13), (0, "", 13)]
+    assert outline_sections(entries, pages=14) == [
+        ("1 Intro", [0, 1, 2]),  # up to the page before chapter 2, subsections included
+        ("1.1 Setup", [1]),  # the next entry starts on the same page: its first page only
+        ("1.2 Use", [1, 2]),
+        ("2 Long chapter", [3, 4, 5, 6, 7]),  # at most 5 pages
+        ("3 End", [12]),  # a repeated title keeps its first section; an empty one is dropped
+    ]
+
+
+@needs_apt
+def test_mini_vidore_has_every_manual_page_and_its_outline(tmp_path_factory):
+    cache = os.environ.get("MOCA_DEMO_CACHE") or str(tmp_path_factory.mktemp("debian"))
+    out = str(tmp_path_factory.mktemp("evalsets") / "mini_vidore")
+    proc = run_moca("data", "evalset", "--name", "mini_vidore", "--output", out, "--cache", cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(os.path.join(out, "evalset.json")))
+    assert (summary["documents"], summary["queries"]) == (2149, 1972), summary  # spec: 2,149 pages
+    from megatron_moca.eval.beir import read_beir
+
+    data = read_beir(out, split="test")
+    assert len(data.corpus) == 2149 and all(os.path.isfile(d.image) for d in data.corpus[:50])
+    sizes = [len(relevant) for relevant in data.qrels.values()]
+    assert len(sizes) == 1972 and 1 <= min(sizes) and max(sizes) == 5
