@@ -70,11 +70,11 @@ def build_mini_vidore(output: str, cache: str, log=print) -> Dict[str, object]:
 
     from megatron_moca.conversion.convert import staged_output
     from megatron_moca.data.demo_corpus import fetch_packages, render_page_png
+    from megatron_moca.eval.beir import write_beir
 
     used = fetch_packages(cache, log, packages=PACKAGES, alternative="evaluate on your own BEIR-layout folder instead")
     with staged_output(output) as staging:
         os.makedirs(os.path.join(staging, "images"))
-        os.makedirs(os.path.join(staging, "qrels"))
         corpus, queries, qrels = [], [], []
         for package, rel in MANUALS:
             path = os.path.join(cache, "extracted", package, rel)
@@ -97,12 +97,7 @@ def build_mini_vidore(output: str, cache: str, log=print) -> Dict[str, object]:
                 queries.append({"_id": qid, "text": title, "source": name})
                 qrels += [f"{qid}\t{corpus[first_doc + p]['_id']}\t1" for p in section]
             log(f"{name}: {pages} pages, {len(sections)} queries")
-        with open(os.path.join(staging, "corpus.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in corpus)
-        with open(os.path.join(staging, "queries.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in queries)
-        with open(os.path.join(staging, "qrels", "test.tsv"), "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+        write_beir(staging, corpus, queries, qrels)
         summary = {"name": "mini_vidore", "source": ", ".join(f"{p}={v}" for p, v in used), "queries": len(queries),
                    "documents": len(corpus), "skipped": {}}
         with open(os.path.join(staging, "evalset.json"), "w") as f:

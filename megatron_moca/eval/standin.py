@@ -36,12 +36,12 @@ def _text_image_documents(shards: str, query_words: int) -> Iterator[Tuple[str, 
 def build_standin(shards: str, output: str, max_queries: int = 200, query_words: int = 40,
                   train_pairs: int = 0) -> dict:
     from megatron_moca.data.shards import image_ext, manifest_path
+    from megatron_moca.eval.beir import write_beir
 
     manifest_path(shards, "--input")
     if os.path.exists(output) and os.listdir(output):
         raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
     os.makedirs(os.path.join(output, "images"), exist_ok=True)
-    os.makedirs(os.path.join(output, "qrels"), exist_ok=True)
     # evaluation documents spread evenly over the shards (so over the corpus's sources), training pairs
     # spread evenly over the rest
     eligible = sum(1 for _ in _text_image_documents(shards, query_words))
@@ -71,11 +71,7 @@ def build_standin(shards: str, output: str, max_queries: int = 200, query_words:
             f.write(image)
     if not queries:
         raise UserError(f"{shards}: no document with an image and at least 5 words")
-    for file, rows in (("queries.jsonl", queries), ("corpus.jsonl", corpus)):
-        with open(os.path.join(output, file), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(output, "qrels", "test.tsv"), "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    write_beir(output, corpus, queries, qrels)
     if pairs:
         for i, row in enumerate(pairs):
             row.update(neg_text=[DOCUMENT_PROMPT], neg_image_path=[pairs[(i + 1) % len(pairs)]["pos_image_path"]])

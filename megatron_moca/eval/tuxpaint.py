@@ -71,6 +71,7 @@ def _rasteriser():
 def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
     from megatron_moca.conversion.convert import staged_output
     from megatron_moca.data.demo_corpus import fetch_packages
+    from megatron_moca.eval.beir import write_beir
 
     (package, version), = fetch_packages(cache, log, packages=[PACKAGE],
                                          alternative="evaluate on your own BEIR-layout folder instead")
@@ -81,7 +82,6 @@ def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
     skipped = {"svg_without_cairosvg": 0, "svg_unreadable": 0}
     with staged_output(output) as staging:
         os.makedirs(os.path.join(staging, "images"))
-        os.makedirs(os.path.join(staging, "qrels"))
         corpus, caption_ids, qrels = [], {}, []
         for path, caption in pairs:
             n = len(corpus)
@@ -99,12 +99,7 @@ def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
                            "source": os.path.relpath(path, os.path.join(cache, "extracted", package, STAMPS))})
             query = caption_ids.setdefault(caption, f"q{len(caption_ids)}")
             qrels.append(f"{query}\td{n}\t1")
-        with open(os.path.join(staging, "corpus.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in corpus)
-        with open(os.path.join(staging, "queries.jsonl"), "w") as f:
-            f.writelines(json.dumps({"_id": qid, "text": text}) + "\n" for text, qid in caption_ids.items())
-        with open(os.path.join(staging, "qrels", "test.tsv"), "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+        write_beir(staging, corpus, [{"_id": qid, "text": text} for text, qid in caption_ids.items()], qrels)
         with open(os.path.join(staging, "moca_prompts.json"), "w") as f:
             json.dump(PROMPTS, f, indent=2)
         summary = {"name": "tuxpaint", "source": f"{package}={version}", "queries": len(caption_ids),
