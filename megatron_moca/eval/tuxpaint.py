@@ -23,7 +23,6 @@ STAMPS = os.path.join("usr", "share", "tuxpaint", "stamps")
 # moca-method.md, "Prompts": the t2i query and the image target of MMEB-style retrieval
 PROMPTS = {"query": "Find me an everyday image that matches the given caption: {text}\n",
            "image_document": "<img>Represent the given image.\n"}
-SVG_WIDTH = 512  # rasterised size of the longer side
 
 
 def stamp_pairs(root: str) -> List[Tuple[str, str]]:
@@ -48,37 +47,18 @@ def stamp_pairs(root: str) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _rasteriser():
-    """svg path -> PNG bytes (None where the SVG cannot be drawn), or None without cairosvg."""
-    try:
-        import cairosvg
-    except (ImportError, OSError):  # the package, or the cairo library it loads
-        return None
-
-    def rasterise(path: str):
-        # Adobe-made stamps declare XML entities, which cairosvg refuses unless unsafe=True; these files
-        # come from a checksummed Debian package, so they are read a second time with entities allowed
-        for unsafe in (False, True):
-            try:
-                return cairosvg.svg2png(url=path, output_width=SVG_WIDTH, unsafe=unsafe)
-            except Exception:  # cairosvg raises parser, entity and cairo errors alike
-                continue
-        return None
-
-    return rasterise
-
-
 def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
     from megatron_moca.conversion.convert import staged_output
     from megatron_moca.data.demo_corpus import fetch_packages
     from megatron_moca.eval.beir import write_beir
+    from megatron_moca.eval.svg import svg_rasteriser
 
     (package, version), = fetch_packages(cache, log, packages=[PACKAGE],
                                          alternative="evaluate on your own BEIR-layout folder instead")
     pairs = stamp_pairs(os.path.join(cache, "extracted", package, STAMPS))
     if not pairs:
         raise UserError(f"{package}: no stamps with captions found under {STAMPS}")
-    rasterise = _rasteriser()
+    rasterise = svg_rasteriser(width=512)
     skipped = {"svg_without_cairosvg": 0, "svg_unreadable": 0}
     with staged_output(output) as staging:
         os.makedirs(os.path.join(staging, "images"))

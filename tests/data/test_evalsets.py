@@ -91,3 +91,20 @@ def test_mini_vidore_has_every_manual_page_and_its_outline(tmp_path_factory):
     assert len(data.corpus) == 2149 and all(os.path.isfile(d.image) for d in data.corpus[:50])
     sizes = [len(relevant) for relevant in data.qrels.values()]
     assert len(sizes) == 1972 and 1 <= min(sizes) and max(sizes) == 5
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not on this machine")
+def test_flags_set_scores_in_the_mmeb_harness(tiny_hf_dir, tmp_path_factory):
+    cache = os.environ.get("MOCA_DEMO_CACHE") or str(tmp_path_factory.mktemp("npm"))
+    out = str(tmp_path_factory.mktemp("evalsets") / "flags")
+    proc = run_moca("data", "evalset", "--name", "flags", "--output", out, "--cache", cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "CountryFlags", "test.jsonl"))]
+    assert len(rows) == 271 and all(len(r["tgt_text"]) == 271 for r in rows)
+    assert {r["tgt_text"][0] for r in rows} == set(rows[0]["tgt_text"])  # every name is once the right one
+    assert all(os.path.isfile(os.path.join(out, "eval_images", r["qry_img_path"])) for r in rows)
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "mmeb", "--data", out, "--max-length", "64",
+                    "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(metrics["subsets"]) == {"CountryFlags"} and 0 <= metrics["overall"] <= 1
