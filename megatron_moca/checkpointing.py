@@ -27,6 +27,26 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def read_tracker(root: str) -> Optional[int]:
+    """The latest complete iteration recorded in root's tracker file; None where there is none."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise UserError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Point root's tracker at `iteration` (atomically: a reader sees the old or the new number)."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
 def resolve_checkpoint(path: str) -> str:
     """The iter_ folder a user path names (run dir -> its latest complete iteration)."""
     if not os.path.isdir(path):
@@ -34,13 +54,10 @@ def resolve_checkpoint(path: str) -> str:
     if re.fullmatch(r"iter_\d{7}", os.path.basename(os.path.normpath(path))):
         folder = path
     else:
-        tracker = os.path.join(path, TRACKER)
-        if not os.path.isfile(tracker):
+        iteration = read_tracker(path)
+        if iteration is None:
             raise UserError(f"{path}: no {TRACKER}; pass a run directory or one of its iter_ folders")
-        text = open(tracker).read().strip()
-        if not text.isdigit():
-            raise UserError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-        folder = iteration_dir(path, int(text))
+        folder = iteration_dir(path, iteration)
     if not os.path.isfile(os.path.join(folder, MODEL_JSON)) or not os.path.isfile(os.path.join(folder, "metadata.json")):
         raise UserError(f"{folder}: not a complete megatron_moca checkpoint (needs {MODEL_JSON} and metadata.json)")
     return folder
@@ -114,10 +131,7 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
     if rank0:
         with open(os.path.join(folder, MODEL_JSON), "w") as f:
             json.dump({"model": cfg.to_dict(), **(extra or {})}, f, indent=2)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
+        write_tracker(root, iteration)
     if dist.is_initialized():
         dist.barrier()
     return folder

@@ -67,7 +67,7 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetu
     """Run (or continue) the demo in `workdir`; returns a summary of what was produced.
     pretrain_overrides / finetune_overrides: more `key=value` settings for stage 1 / stage 2 (after the
     embedded default)."""
-    from megatron_moca.checkpointing import TRACKER
+    from megatron_moca.checkpointing import read_tracker
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -80,8 +80,7 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetu
         _moca(["data", "demo", "--output", shards], log)
     log("[2/7] stage 1 (resumes from the latest checkpoint if there is one)")
     _moca(["pretrain", *DEMO_PRETRAIN, f"data.paths={shards}", f"checkpoint.save={stage1}", *pretrain_overrides], log)
-    with open(os.path.join(stage1, TRACKER)) as f:
-        iteration = int(f.read().strip())
+    iteration = read_tracker(stage1)
     hf = os.path.join(workdir, f"hf_iter_{iteration:07d}")
     if os.path.isfile(os.path.join(hf, "config.json")):
         log(f"[3/7] Hugging Face export: already in {hf}")

@@ -116,14 +116,19 @@ def read_beir(folder: str, split: str = "test") -> BeirData:
     return BeirData(corpus, queries, qrels)
 
 
+def write_jsonl(path: str, rows) -> None:
+    """One JSON object per line (the tables the builders here write)."""
+    import json
+
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def write_beir(folder: str, corpus: List[dict], queries: List[dict], qrels: List[str]) -> None:
     """corpus.jsonl, queries.jsonl and qrels/test.tsv (lines "query-id<TAB>corpus-id<TAB>score") in `folder`,
     the layout read_beir reads (the stand-in and evaluation-set builders write it)."""
-    import json
-
     os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
-    for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-        with open(os.path.join(folder, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(os.path.join(folder, "corpus.jsonl"), corpus)
+    write_jsonl(os.path.join(folder, "queries.jsonl"), queries)
     with open(os.path.join(folder, "qrels", "test.tsv"), "w") as f:
         f.write("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")

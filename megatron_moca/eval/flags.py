@@ -45,6 +45,7 @@ def fetch_npm_tarball(cache: str, log=print) -> str:
 
 def build_flags(output: str, cache: str, log=print) -> Dict[str, object]:
     from megatron_moca.conversion.convert import staged_output
+    from megatron_moca.eval.beir import write_jsonl
     from megatron_moca.eval.svg import svg_rasteriser
 
     rasterise = svg_rasteriser(width=320)
@@ -75,8 +76,7 @@ def build_flags(output: str, cache: str, log=print) -> Dict[str, object]:
             rows.append({"qry_text": QUERY, "qry_img_path": image, "tgt_text": [country["name"], *others],
                          "tgt_img_path": [""] * len(names)})
         os.remove(svg)
-        with open(os.path.join(staging, SUBSET, "test.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(os.path.join(staging, SUBSET, "test.jsonl"), rows)
         summary = {"name": "flags", "source": "{}={}".format(*PACKAGE[:2]), "queries": len(rows),
                    "documents": len(names), "skipped": {"svg_unreadable": skipped}}
         with open(os.path.join(staging, "evalset.json"), "w") as f:

@@ -36,7 +36,7 @@ def _text_image_documents(shards: str, query_words: int) -> Iterator[Tuple[str, 
 def build_standin(shards: str, output: str, max_queries: int = 200, query_words: int = 40,
                   train_pairs: int = 0) -> dict:
     from megatron_moca.data.shards import image_ext, manifest_path
-    from megatron_moca.eval.beir import write_beir
+    from megatron_moca.eval.beir import write_beir, write_jsonl
 
     manifest_path(shards, "--input")
     if os.path.exists(output) and os.listdir(output):
@@ -76,6 +76,5 @@ def build_standin(shards: str, output: str, max_queries: int = 200, query_words:
         for i, row in enumerate(pairs):
             row.update(neg_text=[DOCUMENT_PROMPT], neg_image_path=[pairs[(i + 1) % len(pairs)]["pos_image_path"]])
         os.makedirs(os.path.join(output, "train", "DemoPairs"))
-        with open(os.path.join(output, "train", "DemoPairs", "train.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in pairs)
+        write_jsonl(os.path.join(output, "train", "DemoPairs", "train.jsonl"), pairs)
     return {"queries": len(queries), "documents": len(corpus), "train_pairs": len(pairs), "output": output}

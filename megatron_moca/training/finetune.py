@@ -164,12 +164,12 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     from megatron_moca.embed.inputs import EmbeddingInputs
     from megatron_moca.models.transformer_configs import DTYPES
     from megatron_moca.training.contrastive_batches import ContrastiveSteps, step_loader
-    from megatron_moca.training.finetune_state import (check_resumable, latest_iteration, load_optimizer_and_rng,
+    from megatron_moca.training.finetune_state import (RELEASE, check_resumable, load_optimizer_and_rng,
                                                        save_checkpoint, write_release)
-    from megatron_moca.training.metrics import MetricsWriter, device_peak_tflops, log_line, memory_gib
+    from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
     from megatron_moca.training.pretrain import TrainingError, write_resolved_config
     from megatron_moca.training.schedule import learning_rate
-    from megatron_moca.checkpointing import iteration_dir
+    from megatron_moca.checkpointing import iteration_dir, read_tracker
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
@@ -180,7 +180,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     train_iters = cfg.iterations(plan.steps_per_epoch)
     identity = _identity(cfg, data)
     save = cfg.checkpoint.save
-    resumed_at = latest_iteration(save)
+    resumed_at = read_tracker(save)
 
     runtime.init_process_group()
     rank, dp = dist.get_rank(), dist.get_world_size()
@@ -213,11 +213,10 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     loader = step_loader(steps, iteration, cfg.data.num_workers)
     step_fn = ContrastiveStep(model.model, cfg, device)
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
-    peak = device_peak_tflops(cfg.logging.peak_tflops)
+    window = ThroughputWindow(dp, device_peak_tflops(cfg.logging.peak_tflops))
     warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
     o = cfg.optim
     record: Dict[str, float] = {}
-    window = {"seconds": 0.0, "data": 0.0, "tokens": 0.0, "flops": 0.0}
     last_saved = last_started = iteration
     try:
         while iteration < train_iters:
@@ -227,7 +226,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
             lr = learning_rate(iteration, o.lr, o.min_lr, warmup, decay, o.lr_decay_style)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # keep the buffers: sum_gradients fills a missing one once
             loss, parts, chunked = step_fn(step)
             sum_gradients(params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf")))
@@ -242,20 +241,10 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                                   device=device)
             if dp > 1:
                 dist.all_reduce(counts)
-            elapsed = time.perf_counter() - start
-            for key, value in (("seconds", elapsed), ("data", data_seconds), ("tokens", counts[0].item()),
-                               ("flops", counts[1].item())):
-                window[key] += value
+            window.add(time.perf_counter() - start, data_seconds, counts[0].item(), counts[1].item())
             if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
-                seconds = window["seconds"]
-                tflops = window["flops"] / seconds / dp / 1e12
                 record = {"step": iteration, "loss": loss_value, "contrastive_loss": parts["contrastive_loss"],
-                          "accuracy": parts["accuracy"], "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": window["tokens"] / seconds,
-                          "tokens_per_s_per_gpu": window["tokens"] / seconds / dp,
-                          "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                          "mem_gib": memory_gib(), "data_wait_frac": window["data"] / seconds}
-                window = dict.fromkeys(window, 0.0)
+                          "accuracy": parts["accuracy"], "lr": lr, "grad_norm": grad_norm, **window.take()}
                 if rank0:
                     metrics.write(record)
                     log.info(log_line(record, train_iters))
@@ -269,7 +258,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                 if rank0:
                     log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
                 break
-        release_done = os.path.isfile(os.path.join(save, "release", "config.json"))
+        release_done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
         if iteration >= train_iters and (iteration > last_started or not release_done):
             release_name = cfg.checkpoint.release_dtype or base_config.get("torch_dtype") or "bfloat16"
             folder = write_release(save, cfg.model.path, model, DTYPES[release_name])

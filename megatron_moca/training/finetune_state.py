@@ -21,12 +21,13 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_moca.checkpointing import TRACKER, iteration_dir
+from megatron_moca.checkpointing import iteration_dir, write_tracker
 from megatron_moca.errors import UserError
 from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RELEASE = "release"
 
 
 def _optimizer_file(folder: str, optimizer) -> str:
@@ -38,17 +39,6 @@ def _optimizer_file(folder: str, optimizer) -> str:
 
 def _local_optimizer(optimizer):
     return getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer wraps the rank's AdamW
-RELEASE = "release"
-
-
-def latest_iteration(save: str) -> Optional[int]:
-    path = os.path.join(save, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise UserError(f"{path}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
 
 
 def hf_tensors(model, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -102,10 +92,7 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # a same-numbered folder of a run killed before its tracker moved
         os.replace(staging, final)
-        tmp = os.path.join(save, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{iteration}\n")
-        os.replace(tmp, os.path.join(save, TRACKER))
+        write_tracker(save, iteration)
     dist.barrier()
     return final
 

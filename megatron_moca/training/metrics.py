@@ -83,6 +83,35 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+class ThroughputWindow:
+    """Wall time, data wait, tokens and model FLOPs summed over the steps since the last logged one;
+    take() turns them into the record's speed fields (per device: over world_size processes)."""
+
+    def __init__(self, world_size: int, peak_tflops: Optional[float]):
+        self.world, self.peak = world_size, peak_tflops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seconds = self.data_seconds = self.tokens = self.flops = 0.0
+
+    def add(self, seconds: float, data_seconds: float, tokens: float, flops: float) -> None:
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+        self.tokens += tokens
+        self.flops += flops
+
+    def take(self) -> Dict[str, Optional[float]]:
+        """tokens_per_s(_per_gpu), tflops_per_gpu, mfu (None without a known peak), mem_gib,
+        data_wait_frac of the window, which then starts over."""
+        tflops = self.flops / self.seconds / self.world / 1e12
+        fields = {"tokens_per_s": self.tokens / self.seconds,
+                  "tokens_per_s_per_gpu": self.tokens / self.seconds / self.world,
+                  "tflops_per_gpu": tflops, "mfu": tflops / self.peak if self.peak else None,
+                  "mem_gib": memory_gib(), "data_wait_frac": self.data_seconds / self.seconds}
+        self._reset()
+        return fields
+
+
 def log_line(record: Dict[str, float], train_iters: int) -> str:
     """The one dense line rank 0 prints: the loss and each of its parts (`*_loss`), then the rest."""
     r = record

@@ -113,7 +113,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     from megatron_moca.distributed import runtime
     from megatron_moca.training.batches import StepBatches
     from megatron_moca.training.flops import step_shape_of, training_step_flops
-    from megatron_moca.training.metrics import MetricsWriter, device_peak_tflops, log_line, memory_gib
+    from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
     from megatron_moca.training.optimizer import setup
     from megatron_moca.training.state import has_checkpoint, load_training_checkpoint, save_training_checkpoint
 
@@ -147,9 +147,9 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     seq_length = -(-cfg.data.pack_length // cfg.data.pad_to_multiple) * cfg.data.pad_to_multiple
     forward_backward = get_forward_backward_func()
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
-    peak = device_peak_tflops(cfg.logging.peak_tflops)
+    window = ThroughputWindow(world, device_peak_tflops(cfg.logging.peak_tflops))
+    skipped = 0  # fp16 loss-scale overflows since the last log line
     record: Dict[str, float] = {}
-    window = {"seconds": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
     last_saved = iteration
     try:
         while iteration < cfg.train.train_iters:
@@ -176,22 +176,13 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                 raise TrainingError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at iteration "
                                     f"{iteration}; the run stopped, its last checkpoint ({last_saved}) is intact "
                                     "- lower optim.lr or check the data")
-            elapsed = time.perf_counter() - start
-            for key, value in (("seconds", elapsed), ("data", step.data_seconds), ("tokens", step.tokens),
-                               ("flops", sums["flops"]), ("skipped", 0 if updated else 1)):
-                window[key] += value
+            window.add(time.perf_counter() - start, step.data_seconds, step.tokens, sums["flops"])
+            skipped += 0 if updated else 1
             if iteration % cfg.logging.log_interval == 0 or iteration == cfg.train.train_iters:
-                seconds = window["seconds"]
-                tflops = window["flops"] / seconds / world / 1e12
-                record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae,
-                          "lr": lr,
+                record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae, "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          "tokens_per_s": window["tokens"] / seconds,
-                          "tokens_per_s_per_gpu": window["tokens"] / seconds / world,
-                          "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                          "mem_gib": memory_gib(), "data_wait_frac": window["data"] / seconds,
-                          "skipped_updates": window["skipped"]}  # fp16 loss-scale overflows
-                window = dict.fromkeys(window, 0)
+                          **window.take(), "skipped_updates": skipped}
+                skipped = 0
                 if rank0:
                     metrics.write(record)
                     log.info(log_line(record, cfg.train.train_iters))

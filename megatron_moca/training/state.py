@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_moca.checkpointing import MODEL_JSON, TRACKER, read_model_config, resolve_checkpoint, save_model
+from megatron_moca.checkpointing import MODEL_JSON, read_model_config, read_tracker, resolve_checkpoint, save_model
 from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.distributed.runtime import ParallelLayout
 from megatron_moca.errors import UserError
@@ -105,7 +105,7 @@ def _restore_step_counters(optimizer) -> None:
 
 
 def has_checkpoint(root: Optional[str]) -> bool:
-    return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
+    return bool(root) and read_tracker(root) is not None
 
 
 def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model, optimizer,
