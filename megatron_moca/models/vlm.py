@@ -163,7 +163,12 @@ class MocaVLM(MegatronModule):
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, document_ids)
         mask = self.attention_mask(document_ids, b, s, input_ids.device)
-        return mask, self.language.rotary_pos_emb(position_ids, self.config.mrope_section)
+        rope = self.language.rotary_pos_emb
+        if rope.inv_freq.device != input_ids.device:
+            # megatron keeps inv_freq as a plain attribute made on the current CUDA device (not a buffer:
+            # module.to() leaves it), so a model used on the CPU of a GPU machine must move it itself
+            rope.inv_freq = rope.inv_freq.to(input_ids.device)
+        return mask, rope(position_ids, self.config.mrope_section)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
