@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_moca.config.finetune import FinetuneConfig
 from megatron_moca.errors import UserError
+from megatron_moca.training.cadence import Cadence
 
 log = logging.getLogger("megatron_moca.train")
 
@@ -216,6 +217,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     window = ThroughputWindow(dp, device_peak_tflops(cfg.logging.peak_tflops))
     warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
     o = cfg.optim
+    cadence = Cadence(train_iters, cfg.logging.log_interval, cfg.checkpoint.save_interval, cfg.train.exit_interval)
     record: Dict[str, float] = {}
     last_saved = last_started = iteration
     try:
@@ -242,19 +244,18 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
             if dp > 1:
                 dist.all_reduce(counts)
             window.add(time.perf_counter() - start, data_seconds, counts[0].item(), counts[1].item())
-            if iteration % cfg.logging.log_interval == 0 or iteration == train_iters:
+            if cadence.logs(iteration):
                 record = {"step": iteration, "loss": loss_value, "contrastive_loss": parts["contrastive_loss"],
                           "accuracy": parts["accuracy"], "lr": lr, "grad_norm": grad_norm, **window.take()}
                 if rank0:
                     metrics.write(record)
                     log.info(log_line(record, train_iters))
-            exiting = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
-            if iteration % cfg.checkpoint.save_interval == 0 or iteration == train_iters or exiting:
+            if cadence.saves(iteration):
                 save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity)
                 last_saved = iteration
                 if rank0:
                     log.info("saved iteration %d to %s", iteration, save)
-            if exiting and iteration < train_iters:
+            if cadence.exits(iteration):
                 if rank0:
                     log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
                 break

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_moca.config.loading import to_dict
 from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.errors import UserError
+from megatron_moca.training.cadence import Cadence
 
 log = logging.getLogger("megatron_moca.train")
 
@@ -148,6 +149,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     forward_backward = get_forward_backward_func()
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
     window = ThroughputWindow(world, device_peak_tflops(cfg.logging.peak_tflops))
+    cadence = Cadence(cfg.train.train_iters, cfg.logging.log_interval, cfg.checkpoint.save_interval,
+                      cfg.train.exit_interval)
     skipped = 0  # fp16 loss-scale overflows since the last log line
     record: Dict[str, float] = {}
     last_saved = iteration
@@ -178,7 +181,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                                     "- lower optim.lr or check the data")
             window.add(time.perf_counter() - start, step.data_seconds, step.tokens, sums["flops"])
             skipped += 0 if updated else 1
-            if iteration % cfg.logging.log_interval == 0 or iteration == cfg.train.train_iters:
+            if cadence.logs(iteration):
                 record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae, "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                           **window.take(), "skipped_updates": skipped}
@@ -186,13 +189,12 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                 if rank0:
                     metrics.write(record)
                     log.info(log_line(record, cfg.train.train_iters))
-            exiting = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
-            if iteration % cfg.checkpoint.save_interval == 0 or iteration == cfg.train.train_iters or exiting:
+            if cadence.saves(iteration):
                 save_training_checkpoint(cfg, layout, model, optimizer, scheduler, iteration, loader.state_dict())
                 last_saved = iteration
                 if rank0:
                     log.info("saved iteration %d to %s", iteration, save)
-            if exiting and iteration < cfg.train.train_iters:
+            if cadence.exits(iteration):
                 if rank0:
                     log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
                 break
