@@ -224,21 +224,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"unknown model config keys {sorted(unknown)}")
-        return cls(vision=_build(VisionConfig, d.pop("vision", {}), "vision"),
-                   language=_build(LanguageConfig, d.pop("language", {}), "language"),
-                   tokens=_build(TokenIds, d.pop("tokens", {}), "tokens"), **d)
+        """The inverse of to_dict (model.json of a checkpoint): the loader's checks and coercions."""
+        from megatron_moca.config.loading import build
 
-
-def _build(klass, values: dict, section: str):
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(values) - names
-    if unknown:
-        raise UserError(f"unknown keys in model.{section}: {sorted(unknown)}")
-    return klass(**values)
+        return build(cls, d, "model")
 
 
 def preset(name: str) -> ModelConfig:

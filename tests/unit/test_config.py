@@ -56,7 +56,7 @@ def test_bad_values_are_rejected():
     cfg.language.mrope_section = [1, 1, 1]
     with pytest.raises(UserError, match="mrope_section"):
         cfg.validate()
-    with pytest.raises(UserError, match="unknown keys in model.language"):
+    with pytest.raises(UserError, match="model.language.hidden"):
         ModelConfig.from_dict({"language": {"hidden": 3}})
 
 
