@@ -265,16 +265,16 @@ def stopped_and_resumed(args, save, stop_at):
         return [json.loads(line) for line in f]
 
 
-def check_token_cross_entropy(logits, labels, weights, loss_tol, grad_rtol, grad_atol):
-    """objectives/losses.token_cross_entropy vs F.cross_entropy on fp32 logits: per-token loss, and the
-    gradient (in the logits' dtype) of the weighted sum; IGNORE_INDEX rows get a zero gradient."""
+def check_token_cross_entropy(logits, labels, weights, loss_tol, grad_rtol, grad_atol, loss_fn=None):
+    """loss_fn (default objectives/losses.token_cross_entropy) vs F.cross_entropy on fp32 logits: per-token
+    loss, and the gradient (in the logits' dtype) of the weighted sum; IGNORE_INDEX rows get a zero gradient."""
     import torch.nn.functional as F
 
     from megatron_moca.objectives.losses import token_cross_entropy
     from megatron_moca.objectives.masking import IGNORE_INDEX
 
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    ours = token_cross_entropy(a, labels)
+    ours = (loss_fn or token_cross_entropy)(a, labels)
     ref = F.cross_entropy(b.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
     torch.testing.assert_close(ours, ref, rtol=loss_tol, atol=10 * loss_tol)
     (ours * weights).sum().backward()
