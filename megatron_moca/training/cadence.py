@@ -22,9 +22,11 @@ class Cadence:
     def logs(self, iteration: int) -> bool:
         return iteration % self.log_interval == 0 or iteration == self.train_iters
 
+    def _at_exit_interval(self, iteration: int) -> bool:
+        return bool(self.exit_interval) and iteration % self.exit_interval == 0
+
     def exits(self, iteration: int) -> bool:
-        return bool(self.exit_interval) and iteration % self.exit_interval == 0 and iteration < self.train_iters
+        return self._at_exit_interval(iteration) and iteration < self.train_iters
 
     def saves(self, iteration: int) -> bool:
-        return (iteration % self.save_interval == 0 or iteration == self.train_iters
-                or (bool(self.exit_interval) and iteration % self.exit_interval == 0))
+        return iteration % self.save_interval == 0 or iteration == self.train_iters or self._at_exit_interval(iteration)
