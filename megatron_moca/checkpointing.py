@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.errors import UserError
+from megatron_moca.safe_load import audit_dist_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_JSON = "moca_model.json"
@@ -48,7 +49,9 @@ def write_tracker(root: str, iteration: int) -> None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """The iter_ folder a user path names (run dir -> its latest complete iteration)."""
+    """The iter_ folder a user path names (run dir -> its latest complete iteration), after checking
+    that every pickle in it holds only data (safe_load.audit_dist_checkpoint): every load path of a
+    megatron checkpoint (resume, checkpoint.load, conversion, verify) starts here."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint directory does not exist")
     if re.fullmatch(r"iter_\d{7}", os.path.basename(os.path.normpath(path))):
@@ -60,6 +63,7 @@ def resolve_checkpoint(path: str) -> str:
         folder = iteration_dir(path, iteration)
     if not os.path.isfile(os.path.join(folder, MODEL_JSON)) or not os.path.isfile(os.path.join(folder, "metadata.json")):
         raise UserError(f"{folder}: not a complete megatron_moca checkpoint (needs {MODEL_JSON} and metadata.json)")
+    audit_dist_checkpoint(folder)
     return folder
 
 
@@ -70,9 +74,21 @@ def checkpoint_has_prefix(folder: str, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in dist_checkpointing.load_tensors_metadata(folder))
 
 
+def read_checkpoint_json(folder: str) -> dict:
+    """moca_model.json of an iter_ folder (the ModelConfig, and a trainer's layout and schedule)."""
+    path = os.path.join(folder, MODEL_JSON)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f"{path}: expected an object with a 'model' object")
+    return meta
+
+
 def read_model_config(folder: str) -> ModelConfig:
-    with open(os.path.join(folder, MODEL_JSON)) as f:
-        model = json.load(f)["model"]
+    model = read_checkpoint_json(folder)["model"]
     # checkpoints written before VisionConfig.intermediate_pad_multiple existed hold the unpadded MLP
     model.setdefault("vision", {}).setdefault("intermediate_pad_multiple", 1)
     return ModelConfig.from_dict(model)

@@ -38,31 +38,65 @@ def read_config(folder: str) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def load_transformers_model(folder: str, dtype: torch.dtype):
+    """transformers' Qwen2_5_VLForConditionalGeneration from an HF folder (sdpa attention), reading
+    safetensors only (a pickled pytorch_model.bin is never opened) and never code from the folder."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    read_config(folder)  # a one-line error for a folder that is not an HF model
+    try:
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for unloadable folders
+        message = str(e).splitlines()[0][:300] if str(e) else ""
+        raise UserError(f"{folder}: transformers cannot load it ({type(e).__name__}: {message})") from None
+
+
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _read_header(path: str) -> Tuple[Dict[str, dict], int]:
-    """(tensor entries, byte offset of the data section) of one safetensors file, validated."""
+    """(tensor entries, byte offset of the data section) of one safetensors file, validated against the
+    file's size before anything is allocated from what the header claims."""
     size = os.path.getsize(path)
+
+    def malformed(why: str) -> UserError:
+        return UserError(f"{path}: not a readable safetensors file ({why})")
+
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise UserError(f"{path}: not a readable safetensors file (shorter than its header)")
+            raise malformed("shorter than its header")
         n = struct.unpack("<Q", raw)[0]
         if n > min(size - 8, 100 * 2**20):
-            raise UserError(f"{path}: not a readable safetensors file (header length {n} exceeds the file)")
+            raise malformed(f"header length {n} exceeds the file")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a readable safetensors file (bad header: {e})") from None
+            raise malformed(f"bad header: {e}") from None
+    if not isinstance(header, dict):
+        raise malformed("the header is not a JSON object")
     header.pop("__metadata__", None)
     data_bytes = size - 8 - n
     for key, entry in header.items():
-        start, end = entry.get("data_offsets", (0, -1))
-        if entry.get("dtype") not in _ST_DTYPES or not 0 <= start <= end <= data_bytes:
-            raise UserError(f"{path}: not a readable safetensors file (tensor {key!r} is truncated or malformed)")
+        if not isinstance(entry, dict) or entry.get("dtype") not in _ST_DTYPES:
+            raise malformed(f"tensor {key!r} has no known dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise malformed(f"tensor {key!r} has a bad shape {str(shape)[:60]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise malformed(f"tensor {key!r} has bad data_offsets {str(offsets)[:60]}")
+        start, end = offsets
+        if not 0 <= start <= end <= data_bytes:
+            raise malformed(f"tensor {key!r} is truncated or malformed")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * _ST_DTYPES[entry["dtype"]].itemsize != end - start:
+            raise malformed(f"tensor {key!r} holds {end - start} bytes, its shape {shape} needs "
+                            f"{numel * _ST_DTYPES[entry['dtype']].itemsize}")
     return header, 8 + n
 
 
@@ -80,9 +114,12 @@ class SafetensorsReader:
             try:
                 with open(index_path) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise UserError(f"{index_path}: not a safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                raise UserError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e})") from None
+            outside = [name for name in files if not isinstance(name, str) or os.path.basename(name) != name]
+            if outside:
+                raise UserError(f"{index_path}: names a file outside the folder ({str(outside[0])[:80]!r})")
         elif os.path.isfile(single_path):
             files = [SINGLE_NAME]
         else:
@@ -107,10 +144,7 @@ class SafetensorsReader:
             raise UserError(f"{self.folder}: tensor {key!r} missing from the checkpoint")
         path, data_start, entry = self._where[key]
         start, end = entry["data_offsets"]
-        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-        if out.numel() * out.element_size() != end - start:
-            raise UserError(f"{path}: tensor {key!r} holds {end - start} bytes, its shape needs "
-                            f"{out.numel() * out.element_size()}")
+        out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])  # size checked in _read_header
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         with open(path, "rb") as f:
             f.seek(data_start + start)

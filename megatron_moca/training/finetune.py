@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_moca.config.finetune import FinetuneConfig
-from megatron_moca.errors import UserError
 from megatron_moca.training.cadence import Cadence
 
 log = logging.getLogger("megatron_moca.train")
@@ -41,13 +40,9 @@ def _identity(cfg: FinetuneConfig, data) -> Dict[str, object]:
 
 
 def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from megatron_moca.conversion.hf_io import load_transformers_model
 
-    try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
-                                                                   attn_implementation="sdpa")
-    except Exception as e:  # transformers raises many types for unloadable folders
-        raise UserError(f"{folder}: transformers cannot load it ({type(e).__name__}: {e})") from None
+    model = load_transformers_model(folder, torch.float32)
     model.to(device).train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

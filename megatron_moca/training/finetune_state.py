@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_moca.checkpointing import iteration_dir, write_tracker
 from megatron_moca.errors import UserError
+from megatron_moca.safe_load import load_weights_only
 from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
 STATE_FILE = "trainer_state.json"
@@ -102,8 +103,13 @@ def check_resumable(folder: str, identity: Dict[str, object]) -> dict:
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {STATE_FILE}; not a complete `moca finetune` checkpoint")
-    with open(path) as f:
-        state = json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
+        raise UserError(f"{path}: expected an object with the run's iteration and world_size")
     for key, value in identity.items():
         if state.get(key) != value:
             raise UserError(f"cannot resume {folder}: {key} was {state.get(key)!r} and is now {value!r}; "
@@ -119,9 +125,8 @@ def load_optimizer_and_rng(folder: str, optimizer) -> None:
     if not os.path.isfile(path):
         raise UserError(f"cannot resume {folder}: no {os.path.basename(path)} (was parallel.use_distributed_optimizer "
                         "changed? set it as the run had it)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    _local_optimizer(optimizer).load_state_dict(state)
-    set_process_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
+    _local_optimizer(optimizer).load_state_dict(load_weights_only(path))
+    set_process_rng_state(load_weights_only(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt")))
 
 
 def write_release(save: str, base: str, model, dtype: torch.dtype) -> str:

@@ -10,15 +10,14 @@ was saved fully reshardable, the same TP x PP. After Megatron-LM's megatron/trai
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_moca.checkpointing import MODEL_JSON, read_model_config, read_tracker, resolve_checkpoint, save_model
+from megatron_moca.checkpointing import (read_checkpoint_json, read_model_config, read_tracker, resolve_checkpoint,
+                                         save_model)
 from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.distributed.runtime import ParallelLayout
 from megatron_moca.errors import UserError
@@ -114,8 +113,7 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     from megatron.core import dist_checkpointing
 
     folder = resolve_checkpoint(cfg.checkpoint.save)
-    with open(os.path.join(folder, MODEL_JSON)) as f:
-        meta = json.load(f)
+    meta = read_checkpoint_json(folder)
     if "iteration" not in meta:
         raise UserError(f"{folder}: a model checkpoint without training state (a converted model?); name it "
                         "with checkpoint.load and use a new checkpoint.save directory")
