@@ -12,6 +12,7 @@ an override's text is parsed for the type of the field it sets, so `optim.lr=1e-
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Any, Dict, List, Optional, Sequence
@@ -46,8 +47,8 @@ def _coerce(tp, value, key: str):
     origin = typing.get_origin(inner)
     if origin in (list, List):
         (item,) = typing.get_args(inner) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # a comma-separated override: each item parsed for the item type
+            value = [_parse_override(v, item) for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key}: expected a list, got {value!r}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -61,6 +62,8 @@ def _coerce(tp, value, key: str):
         return float(value)
     if inner in (int, float, str) and (not isinstance(value, inner) or isinstance(value, bool)):
         raise UserError(f"config key {key}: expected {inner.__name__}, got {value!r}")
+    if inner is float and not math.isfinite(value):  # YAML reads .inf / .nan; no setting means them
+        raise UserError(f"config key {key}: expected a finite number, got {value!r}")
     return value
 
 

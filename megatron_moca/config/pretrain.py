@@ -170,12 +170,15 @@ class PretrainConfig:
             raise UserError(f"checkpoint.load={c.load}: no such directory")
         if not self.data.paths:
             raise UserError("data.paths is empty: name at least one shard folder (moca data prepare / demo)")
-        from megatron_moca.data.shards import manifest_path
+        from megatron_moca.data.shards import read_manifest
 
         for path in self.data.paths:
-            manifest_path(path, "data.paths")
+            read_manifest(path, "data.paths")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
             raise UserError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} paths")
+        if not 0 <= self.data.max_bad_sample_fraction <= 1 or self.data.max_member_bytes < 1:
+            raise UserError(f"data.max_bad_sample_fraction={self.data.max_bad_sample_fraction} must be within 0..1 and "
+                            f"data.max_member_bytes={self.data.max_member_bytes} at least 1")
         if self.data.pack_length < 16:
             raise UserError(f"data.pack_length={self.data.pack_length}: too short for a document")
         if self.sample.max_length > self.data.pack_length:

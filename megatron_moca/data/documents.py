@@ -19,7 +19,12 @@ PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 class DocumentError(ValueError):
-    """A document that cannot be used; str(e) is the reason counted in manifests and logs."""
+    """A document that cannot be used; str(e) is the reason counted in manifests and logs, `kind` the
+    category the stage-1 loader counts it under (shards.SKIP_REASONS)."""
+
+    def __init__(self, reason: str, kind: str = "bad_json"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass

@@ -8,7 +8,9 @@ parallel rank r takes the global steps t = r, r + dp, r + 2dp, ...: ranks are di
 cover every step. Workers (a spawn-context process pool fed step numbers) only read and build
 samples; the main process packs them in order. State = the first step not yet packed plus the
 sources' counters at that step: restoring it reproduces every following row exactly, with any
-number of workers. Bad samples are skipped with a counted reason (key + shard), never raised.
+number of workers. Bad samples are skipped and counted by reason (shards.SKIP_REASONS; logged with key
+and shard), never raised; a shard whose share of bad samples passes data.max_bad_sample_fraction, or a
+source with no usable sample in a whole pass, stops the run with DataError naming it.
 Design after megatron-energon's savable loaders and torchtitan's stateful dataloader.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_moca.data.shards import ReadError, index_shard, manifest_path, read_sample
+from megatron_moca.data.shards import MAX_MEMBER_BYTES, ReadError, index_shard, read_manifest, read_sample
 from megatron_moca.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,24 @@ class LoaderConfig:
     """Reader/builder processes (0 = in the main process)."""
     prefetch: int = 4
     """Samples in flight per worker."""
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    """Largest shard member (a document's .json or one encoded image) read; larger ones skip the sample."""
+    max_bad_sample_fraction: float = 0.01
+    """Stop the run when more than this share of one shard's samples (per epoch, per data-parallel rank's
+    share of the shard) cannot be used; 1.0 only stops on a source with no usable sample at all."""
+
+
+class DataError(UserError):
+    """The data cannot feed the run (a shard over its bad-sample budget, a source with nothing usable)."""
 
 
 class Source:
     """One shard folder: sample counts per shard, and (epoch, local index) -> (shard path, offset)."""
 
-    def __init__(self, folder: str, source_id: int, seed: int):
-        manifest = manifest_path(folder, "data path")
-        with open(manifest) as f:
-            shards = json.load(f)["shards"]
+    def __init__(self, folder: str, source_id: int, seed: int, max_member_bytes: int = MAX_MEMBER_BYTES):
+        shards = read_manifest(folder, "data path")
         self.folder, self.source_id, self.seed = folder, source_id, seed
+        self.max_member_bytes = max_member_bytes
         self.names = [s["name"] for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.total = sum(self.counts)
@@ -88,7 +97,7 @@ class Source:
         offsets = self._offsets[path]
         if position >= len(offsets):
             return ReadError("", os.path.basename(path), "sample missing from shard (truncated or unreadable)")
-        return read_sample(path, offsets[position])
+        return read_sample(path, offsets[position], self.max_member_bytes)
 
 
 class Plan:
@@ -110,14 +119,22 @@ class Plan:
 class LoaderState:
     step: int = 0  # next global step to consider
     counts: List[int] = field(default_factory=list)  # per source: local indices used before `step`
-    skipped: Dict[str, int] = field(default_factory=dict)
+    skipped: Dict[str, int] = field(default_factory=dict)  # SKIP_REASONS kind -> samples skipped
+    bad_in_shard: Dict[str, int] = field(default_factory=dict)  # "source/shard/epoch" -> bad samples
+    bad_run: List[int] = field(default_factory=list)  # per source: bad samples since its last good one
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "counts": list(self.counts), "skipped": dict(self.skipped)}
+        return {"step": self.step, "counts": list(self.counts), "skipped": dict(self.skipped),
+                "bad_in_shard": dict(self.bad_in_shard), "bad_run": list(self.bad_run)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
-        return cls(int(d["step"]), [int(c) for c in d["counts"]], dict(d.get("skipped", {})))
+        counts = [int(c) for c in d["counts"]]
+        return cls(int(d["step"]), counts, dict(d.get("skipped", {})), dict(d.get("bad_in_shard", {})),
+                   [int(c) for c in d.get("bad_run", [0] * len(counts))])
+
+    def copy(self) -> "LoaderState":
+        return LoaderState.from_dict(self.to_dict())
 
 
 class _SampleBuilderDataset:
@@ -133,17 +150,24 @@ class _SampleBuilderDataset:
 
         step, source_id, local_index = item
         if self._sources is None:
-            self._sources = [Source(p, i, self.cfg.seed) for i, p in enumerate(self.cfg.paths)]
+            self._sources = [Source(p, i, self.cfg.seed, self.cfg.max_member_bytes)
+                             for i, p in enumerate(self.cfg.paths)]
             self._builder = self.builder_factory()
-        doc = self._sources[source_id].read(local_index)
-        if isinstance(doc, ReadError):
-            return step, source_id, local_index, doc
+        source = self._sources[source_id]
+        key = ""
         try:
+            doc = source.read(local_index)
+            if isinstance(doc, ReadError):
+                return step, source_id, local_index, doc
+            key = doc.key
             rng = np.random.default_rng([self.cfg.seed, source_id, local_index, 11])
             return step, source_id, local_index, self._builder.build(doc, rng)
         except DocumentError as e:
-            return step, source_id, local_index, ReadError(doc.key, self._sources[source_id].locate(local_index)[0],
-                                                           str(e))
+            error = ReadError(key, os.path.basename(source.locate(local_index)[0]), str(e), e.kind)
+        except Exception as e:  # one sample never kills a run: anything else is counted and logged too
+            error = ReadError(key, os.path.basename(source.locate(local_index)[0]),
+                              f"{type(e).__name__}: {str(e)[:200]}", "unexpected_error")
+        return step, source_id, local_index, error
 
 
 _WORKER_DATASET = None
@@ -185,15 +209,16 @@ class Stage1Loader:
         if not cfg.paths:
             raise UserError("data.paths is empty: name at least one shard folder")
         self.cfg, self.builder_factory = cfg, builder_factory
-        self.sources = [Source(p, i, cfg.seed) for i, p in enumerate(cfg.paths)]
+        self.sources = [Source(p, i, cfg.seed, cfg.max_member_bytes) for i, p in enumerate(cfg.paths)]
         weights = cfg.weights or [s.total for s in self.sources]
         if len(weights) != len(self.sources):
             raise UserError(f"data.weights has {len(weights)} entries for {len(self.sources)} paths")
         self.plan = Plan(weights, cfg.seed)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.pad_id, self.image_token_id = pad_id, image_token_id
-        self.state = LoaderState.from_dict(state) if state else LoaderState(0, [0] * len(self.sources))
-        self._emitted = LoaderState(self.state.step, list(self.state.counts), dict(self.state.skipped))
+        n = len(self.sources)
+        self.state = LoaderState.from_dict(state) if state else LoaderState(0, [0] * n, bad_run=[0] * n)
+        self._emitted = self.state.copy()
 
     # -- planning (main process, cheap) ---------------------------------------------------------
     def _plan(self, state: LoaderState) -> Iterator[Tuple[int, int, int, List[int]]]:
@@ -237,18 +262,40 @@ class Stage1Loader:
         from megatron_moca.data.samples import GreedyPacker
 
         packer = GreedyPacker(self.cfg.pack_length, self.pad_id, self.cfg.pad_to_multiple, self.image_token_id)
-        skipped = dict(self.state.skipped)
+        bad = self.state.copy()  # skip counts, carried into each emitted state
         for before, (step, source, local, sample) in self.samples():
             if not isinstance(sample, ReadError) and len(sample) > self.cfg.pack_length:
-                sample = ReadError(sample.key, self.cfg.paths[source], f"longer than a packed row "
-                                   f"(pack_length {self.cfg.pack_length}); raise it or lower max_length")
+                sample = ReadError(sample.key, os.path.basename(self.sources[source].locate(local)[0]),
+                                   f"longer than a packed row (pack_length {self.cfg.pack_length}); raise it or lower "
+                                   "max_length", "too_long")
             if isinstance(sample, ReadError):
-                reason = sample.reason
-                skipped[reason] = skipped.get(reason, 0) + 1
-                log.warning("skipped sample %s in %s: %s", sample.key, sample.shard, reason)
+                self._count_bad(bad, source, local, sample)
                 continue
+            bad.bad_run[source] = 0
             row = packer.add(sample)
             if row is not None:
                 # this sample opened the next row: resuming from it reproduces every later row
-                self._emitted = LoaderState(step, before, dict(skipped))
+                self._emitted = LoaderState(step, before, dict(bad.skipped), dict(bad.bad_in_shard), list(bad.bad_run))
                 yield row
+
+    def _count_bad(self, bad: LoaderState, source_id: int, local: int, error: ReadError) -> None:
+        """Count a skipped sample; DataError once its shard is over budget or its source yielded
+        nothing usable in a whole pass (this rank's share of the source's samples)."""
+        source = self.sources[source_id]
+        path, _ = source.locate(local)
+        shard = os.path.basename(path)
+        log.warning("skipped sample %s in %s: %s", error.key or "?", path, error.reason)
+        bad.skipped[error.kind] = bad.skipped.get(error.kind, 0) + 1
+        bad.bad_run[source_id] += 1
+        if bad.bad_run[source_id] >= -(-source.total // self.dp_size):
+            raise DataError(f"data path {source.folder}: no usable sample in a whole pass over its {source.total} "
+                            f"samples (last: {shard}: {error.reason}); check the shards with `moca data verify`")
+        epoch = local // source.total
+        key = f"{source_id}/{shard}/{epoch}"
+        bad.bad_in_shard[key] = bad.bad_in_shard.get(key, 0) + 1
+        in_shard = source.counts[source.names.index(shard)]
+        allowed = self.cfg.max_bad_sample_fraction * in_shard / self.dp_size
+        if bad.bad_in_shard[key] > allowed:
+            raise DataError(f"{path}: {bad.bad_in_shard[key]} unusable samples of its {in_shard} (this rank's share: "
+                            f"over data.max_bad_sample_fraction={self.cfg.max_bad_sample_fraction:g}), the last: "
+                            f"{error.reason}; fix or drop the shard (`moca data verify`), or raise the budget")

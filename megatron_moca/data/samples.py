@@ -107,7 +107,7 @@ class Stage1SampleBuilder:
                 text_ids = self.tok.encode(seg)
                 if self._vision_ids.intersection(text_ids):
                     # a stray <|image_pad|> etc. in text would desynchronise tokens and images
-                    raise DocumentError("text contains vision special tokens outside an image placeholder")
+                    raise DocumentError("text contains vision special tokens outside an image placeholder", "bad_text")
                 ids += text_ids[:budget - len(ids)]
                 continue
             data = doc.images[seg]
@@ -127,11 +127,11 @@ class Stage1SampleBuilder:
                         raise ImageError(f"decoded to grid {decoded_grid}, its header says {grid}")
                     frames.append(rows)
             except ImageError as e:
-                raise DocumentError(f"image {seg}: {e}") from None
+                raise DocumentError(f"image {seg}: {e}", "bad_image") from None
             ids += [self.tok.vision_start_id] + [self.tok.image_pad_id] * n + [self.tok.vision_end_id]
             grids.append(grid)
         if not ids:
-            raise DocumentError("no tokens after tokenisation")
+            raise DocumentError("no tokens after tokenisation", "bad_text")
         ids_np = np.asarray(ids, dtype=np.int64)
         input_ids, labels = mlm_mask(ids_np, self.tok.special_ids, self.tok.mask_id, self.cfg.mlm_probability, rng)
         grid_np = np.asarray(grids, dtype=np.int64).reshape(-1, 3)

@@ -29,6 +29,22 @@ FORMAT = "megatron_moca.interleaved.v1"
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+MAX_IMAGES = 1024
+"""Most images one sample may hold: member names and segments naming a larger index are refused."""
+MAX_MEMBER_BYTES = 256 * 2**20
+"""Default bound on one member (the .json or one encoded image): larger members are never read."""
+# Why the stage-1 loader skips a sample; the counts in metrics.jsonl (`skipped_samples`) use these names.
+SKIP_REASONS = {
+    "unreadable_sample": "the tar entry or its shard cannot be read at the indexed position",
+    "unreadable_shard": "the whole shard is missing, truncated or not a tar",
+    "oversized_member": "a member larger than data.max_member_bytes (never read)",
+    "bad_json": "the .json member is not UTF-8 JSON of the expected types",
+    "image_index": "image members or segments with a missing, absurd or duplicate index",
+    "bad_image": "an image that does not decode (truncated, corrupt, too large, extreme aspect)",
+    "bad_text": "text with vision special tokens, or nothing left after tokenisation",
+    "too_long": "more tokens than a packed row",
+    "unexpected_error": "any other error while reading or building the sample (logged with its type)",
+}
 
 
 def manifest_path(folder: str, setting: str) -> str:
@@ -40,6 +56,31 @@ def manifest_path(folder: str, setting: str) -> str:
         raise UserError(f"{setting}: {folder} has no {MANIFEST} (write shards with `moca data prepare` or "
                         "`moca data demo`)")
     return path
+
+
+def read_manifest(folder: str, setting: str) -> List[dict]:
+    """The shard entries of `folder`'s manifest, checked before any training: each names a shard file
+    inside the folder (no path parts) that exists with the byte size the manifest records. A UserError
+    naming the setting, the folder and the first bad entry otherwise."""
+    from megatron_moca.errors import UserError
+
+    path = manifest_path(folder, setting)
+    try:
+        with open(path) as f:
+            shards = json.load(f)["shards"]
+        entries = [(str(s["name"]), int(s["samples"]), s.get("bytes")) for s in shards]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{setting}: {path} is not a shard manifest ({type(e).__name__}: {e})") from None
+    for name, samples, size in entries:
+        if os.path.basename(name) != name or name.startswith(".") or not name:
+            raise UserError(f"{setting}: {path} names {name[:80]!r}, which is not a file inside {folder}")
+        shard = os.path.join(folder, name)
+        if not os.path.isfile(shard):
+            raise UserError(f"{setting}: {path} names {name}, which is missing from {folder}")
+        if samples < 0 or (size is not None and os.path.getsize(shard) != int(size)):
+            raise UserError(f"{setting}: {shard} holds {os.path.getsize(shard)} bytes, the manifest says {size} "
+                            "(truncated or replaced? `moca data verify` checks every shard)")
+    return [dict(name=name, samples=samples) for name, samples, _ in entries]
 
 
 def safe_key(text: str) -> str:
@@ -71,33 +112,40 @@ def encode_document(doc: Document) -> Dict[str, bytes]:
 
 
 def decode_document(key: str, files: Dict[str, bytes]) -> Document:
-    """Inverse of encode_document; DocumentError when members are missing or malformed."""
+    """Inverse of encode_document; DocumentError (with its SKIP_REASONS kind) when members are missing,
+    mistyped or malformed. Image indices are bounded by MAX_IMAGES before anything is built from them."""
     if "json" not in files:
         raise DocumentError("no .json member")
     try:
         body = json.loads(files["json"].decode("utf-8"))
-        raw_segments = body["segments"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DocumentError(f"malformed .json member ({type(e).__name__})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("segments"), list):
+        raise DocumentError("the .json member has no 'segments' list")
     images = {}
     for name, data in files.items():
         if name.startswith("img"):
             index = name[3:].split(".", 1)[0]
-            if index.isdigit():
-                images[int(index)] = data
+            if not (index.isdigit() and len(index) <= 6 and int(index) < MAX_IMAGES):
+                raise DocumentError(f"image member {name[:40]!r}: index outside 0..{MAX_IMAGES - 1}", "image_index")
+            images[int(index)] = data
+    if set(images) != set(range(len(images))):
+        raise DocumentError("image members are not numbered 0..n-1", "image_index")
     segments: List[Union[str, int]] = []
-    for seg in raw_segments:
-        if "text" in seg:
-            segments.append(str(seg["text"]))
-        elif "image" in seg:
-            i = int(seg["image"])
-            if i not in images:
-                raise DocumentError("image bytes missing for a placeholder")
-            segments.append(i)
-    n = max(images) + 1 if images else 0
-    if set(images) != set(range(n)):
-        raise DocumentError("image members are not numbered 0..n-1")
-    return Document(key, segments, [images[i] for i in range(n)], body.get("source", ""), body.get("meta") or {})
+    for seg in body["segments"]:
+        if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+            segments.append(seg["text"])
+        elif isinstance(seg, dict) and type(seg.get("image")) is int:
+            if seg["image"] not in images:
+                raise DocumentError(f"segment names image {seg['image']}, which has no member", "image_index")
+            segments.append(seg["image"])
+        else:
+            raise DocumentError(f"a segment is neither {{'text': str}} nor {{'image': int}}: {str(seg)[:40]}")
+    meta = body.get("meta") or {}
+    source = body.get("source", "")
+    if not isinstance(meta, dict) or not isinstance(source, str):
+        raise DocumentError("'meta' is not an object or 'source' not a string")
+    return Document(key, segments, [images[i] for i in range(len(images))], source, meta)
 
 
 @dataclass
@@ -178,18 +226,25 @@ class ReadError:
     key: str
     shard: str
     reason: str
+    kind: str = "unreadable_sample"
+    """Its category, one of SKIP_REASONS (the loader's counts in metrics.jsonl use these names)."""
 
 
-def read_shard(path: str) -> Iterator[Union[Document, ReadError]]:
-    """Documents of one shard in order; bad samples and truncated/unreadable shards become ReadErrors."""
+def _member_too_large(member: tarfile.TarInfo, max_member_bytes: int) -> bool:
+    return max_member_bytes > 0 and member.size > max_member_bytes
+
+
+def read_shard(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Union[Document, ReadError]]:
+    """Documents of one shard in order; bad samples and truncated/unreadable shards become ReadErrors.
+    A member larger than max_member_bytes is never read: its sample becomes a ReadError."""
     shard = os.path.basename(path)
     try:
         complete = _has_end_marker(path)
         tar = tarfile.open(path, mode="r|*")
     except (OSError, tarfile.TarError) as e:
-        yield ReadError("", shard, f"unreadable shard ({type(e).__name__}: {e})")
+        yield ReadError("", shard, f"unreadable shard ({type(e).__name__}: {e})", "unreadable_shard")
         return
-    current, files = None, {}
+    current, files, oversized = None, {}, None
     try:
         with tar:
             for member in tar:
@@ -197,18 +252,23 @@ def read_shard(path: str) -> Iterator[Union[Document, ReadError]]:
                     continue
                 key, _, suffix = member.name.partition(".")
                 if key != current and current is not None:
-                    yield _decoded(current, files, shard)
-                    files = {}
+                    yield oversized or _decoded(current, files, shard)
+                    files, oversized = {}, None
                 current = key
-                files[suffix] = tar.extractfile(member).read()
+                if _member_too_large(member, max_member_bytes):
+                    oversized = _oversized(key, shard, member, max_member_bytes)
+                elif oversized is None and len(files) <= MAX_IMAGES:
+                    files[suffix] = tar.extractfile(member).read()
     except (OSError, tarfile.TarError, EOFError) as e:
-        yield ReadError(current or "", shard, f"truncated shard ({type(e).__name__}); later samples lost")
+        yield ReadError(current or "", shard, f"truncated shard ({type(e).__name__}); later samples lost",
+                        "unreadable_shard")
         return
     if current is not None:
-        yield _decoded(current, files, shard)
+        yield oversized or _decoded(current, files, shard)
     if not complete:
         # tarfile reads a tar cut at a member boundary as a shorter, valid archive: say so
-        yield ReadError(current or "", shard, "truncated shard (no end-of-archive marker); later samples lost")
+        yield ReadError(current or "", shard, "truncated shard (no end-of-archive marker); later samples lost",
+                        "unreadable_shard")
 
 
 def index_shard(path: str) -> List[int]:
@@ -230,8 +290,9 @@ def index_shard(path: str) -> List[int]:
     return offsets
 
 
-def read_sample(path: str, offset: int) -> Union[Document, ReadError]:
-    """The sample whose first member starts at `offset` (from index_shard)."""
+def read_sample(path: str, offset: int, max_member_bytes: int = MAX_MEMBER_BYTES) -> Union[Document, ReadError]:
+    """The sample whose first member starts at `offset` (from index_shard). Member sizes are checked
+    against max_member_bytes and the member count against MAX_IMAGES before anything is read."""
     shard = os.path.basename(path)
     files, key = {}, None
     try:
@@ -244,8 +305,13 @@ def read_sample(path: str, offset: int) -> Union[Document, ReadError]:
                         key = name_key
                     elif name_key != key:
                         break
-                    if member.isfile():
-                        files[suffix] = tar.extractfile(member).read()
+                    if not member.isfile():
+                        continue
+                    if _member_too_large(member, max_member_bytes):
+                        return _oversized(key, shard, member, max_member_bytes)
+                    if len(files) > MAX_IMAGES:
+                        return ReadError(key, shard, f"more than {MAX_IMAGES} image members", "image_index")
+                    files[suffix] = tar.extractfile(member).read()
     except (OSError, tarfile.TarError, EOFError) as e:
         return ReadError(key or "", shard, f"unreadable sample ({type(e).__name__})")
     if key is None:
@@ -263,8 +329,13 @@ def _has_end_marker(path: str) -> bool:
         return f.read(1024) == bytes(1024)
 
 
+def _oversized(key: str, shard: str, member: tarfile.TarInfo, limit: int) -> ReadError:
+    return ReadError(key, shard, f"member {member.name[:60]} holds {member.size} bytes, above the limit of {limit}",
+                     "oversized_member")
+
+
 def _decoded(key: str, files: Dict[str, bytes], shard: str) -> Union[Document, ReadError]:
     try:
         return decode_document(key, files)
     except DocumentError as e:
-        return ReadError(key, shard, str(e))
+        return ReadError(key, shard, str(e), e.kind)

@@ -43,15 +43,30 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _logged_step(line: str) -> Optional[int]:
+    """The step of one metrics.jsonl line; None for a line that is not a whole record (a kill mid-write)."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step; on resume drops records past the resumed iteration
-    (they were logged by the killed run and are logged again)."""
+    (they were logged by the killed run and are logged again) and any partial line a kill left."""
 
     def __init__(self, run_dir: str, resumed_iteration: int, tensorboard_dir: Optional[str] = None):
         self.path = os.path.join(run_dir, METRICS_FILE)
         if os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_iteration]
+            with open(self.path, errors="replace") as f:
+                lines = [(line, _logged_step(line)) for line in f if line.strip()]
+            partial = sum(step is None for _, step in lines)
+            if partial:
+                log.warning("%s: dropped %d line(s) that are not whole records (a run killed while writing)",
+                            self.path, partial)
+            kept = [line if line.endswith("\n") else line + "\n" for line, step in lines
+                    if step is not None and step <= resumed_iteration]
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -73,7 +88,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
-            for key, value in record.items():
+            for key, value in _scalars(record):
                 if key != "step" and value is not None and math.isfinite(value):
                     self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
             self.tensorboard.flush()
@@ -81,6 +96,15 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _scalars(record: dict):
+    """(name, number) pairs of a record; nested counts (skipped_samples) as name/kind."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from ((f"{key}/{k}", v) for k, v in value.items())
+        else:
+            yield key, value
 
 
 class ThroughputWindow:
@@ -124,4 +148,6 @@ def log_line(record: Dict[str, float], train_iters: int) -> str:
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts += [f"mem {r['mem_gib']:.1f}GiB", f"data {100 * r['data_wait_frac']:.0f}%"]
+    if r.get("skipped_samples"):
+        parts.append("skipped " + ", ".join(f"{kind} {n}" for kind, n in r["skipped_samples"].items()))
     return " | ".join(parts)

@@ -184,7 +184,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
             if cadence.logs(iteration):
                 record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae, "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          **window.take(), "skipped_updates": skipped}
+                          **window.take(), "skipped_updates": skipped,
+                          "skipped_samples": _skipped_samples(loader, source in (None, layout.rank), layout.device)}
                 skipped = 0
                 if rank0:
                     metrics.write(record)
@@ -202,6 +203,19 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
         if metrics is not None:
             metrics.close()
     return record
+
+
+def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:
+    """Samples the run's loaders skipped so far, by reason (shards.SKIP_REASONS), summed over the ranks
+    that read data (collective: every rank calls it)."""
+    from megatron_moca.data.shards import SKIP_REASONS
+
+    counts = loader.state_dict()["skipped"] if reads else {}
+    kinds = list(SKIP_REASONS) + sorted(set(counts) - set(SKIP_REASONS))  # + reasons of older checkpoints
+    totals = torch.tensor([counts.get(kind, 0) for kind in kinds], dtype=torch.int64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(totals[:len(SKIP_REASONS)])
+    return {kind: int(n) for kind, n in zip(kinds, totals.tolist()) if n}
 
 
 def _replica_source(layout):

@@ -4,6 +4,7 @@ disjointness and coverage, blending weights, bad shards skipped with reasons."""
 import dataclasses
 import functools
 import itertools
+import json
 import os
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 
 from megatron_moca.data.documents import Document
 from megatron_moca.data.image_processing import ImageProcessingConfig
-from megatron_moca.data.loader import LoaderConfig, Plan, Stage1Loader, stage1_builder, stage1_builder_factory
+from megatron_moca.data.loader import (DataError, LoaderConfig, Plan, Stage1Loader, stage1_builder,
+                                       stage1_builder_factory)
 from megatron_moca.data.samples import Stage1SampleConfig
 from megatron_moca.data.shards import MANIFEST, ShardWriter
+from megatron_moca.errors import UserError
 
 SMALL = Stage1SampleConfig(max_length=400, image_pipeline="cpu", image=ImageProcessingConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16))
 FACTORY = functools.partial(stage1_builder, None, SMALL)
@@ -49,7 +52,8 @@ def sources(tmp_path_factory, real_images):
 
 def loader(paths, **kw):
     cfg = LoaderConfig(paths=list(paths), seed=kw.pop("seed", 5), pack_length=kw.pop("pack_length", 600),
-                       pad_to_multiple=16, num_workers=kw.pop("num_workers", 0), weights=kw.pop("weights", None))
+                       pad_to_multiple=16, num_workers=kw.pop("num_workers", 0), weights=kw.pop("weights", None),
+                       max_bad_sample_fraction=kw.pop("max_bad_sample_fraction", 0.01))
     return Stage1Loader(cfg, FACTORY, pad_id=151643, image_token_id=151655, **kw)
 
 
@@ -135,12 +139,19 @@ def test_truncated_shard_is_skipped_with_reasons(sources, tmp_path):
     data = (broken / shard).read_bytes()
     (broken / shard).write_bytes(data[:len(data) // 3])
     os.remove(broken / (shard + ".idx"))  # an index would still point past the cut; scan instead
-    ld = loader([str(broken)])
+    with pytest.raises(UserError, match=f"{shard} holds {len(data) // 3} bytes, the manifest says {len(data)}"):
+        loader([str(broken)])  # refused up front: the manifest's byte count no longer matches
+    manifest = json.loads((broken / MANIFEST).read_text())
+    manifest["shards"][0]["bytes"] = len(data) // 3  # a manifest that agrees with the cut shard
+    (broken / MANIFEST).write_text(json.dumps(manifest))
+    ld = loader([str(broken)], max_bad_sample_fraction=1.0)  # no budget: skip and count
     it = iter(ld)
     rows = take_samples(it, 40)
     state = ld.state_dict()
-    assert sum(state["skipped"].values()) >= 1
+    assert set(state["skipped"]) == {"unreadable_sample"} and state["skipped"]["unreadable_sample"] >= 1
     assert sum(len(r.keys) for r in rows) >= 40
+    with pytest.raises(DataError, match=f"broken/{shard}: 1 unusable samples of its 8 "):
+        take_samples(iter(loader([str(broken)])), 40)  # the default 1% budget stops at the first bad sample
 
 
 def test_builder_factory_resolves_the_image_pipeline_in_the_calling_process(monkeypatch):

@@ -48,8 +48,8 @@ def test_truncated_and_unreadable_shards_become_errors(tmp_path, real_images):
         for m in src.getmembers():
             if m.name != "doc-1.img0." + m.name.rsplit(".", 1)[-1]:
                 dst.addfile(m, src.extractfile(m))
-    reasons = [x.reason for x in read_shard(broken) if isinstance(x, ReadError)]
-    assert reasons == ["image bytes missing for a placeholder"]
+    reasons = [(x.kind, x.reason) for x in read_shard(broken) if isinstance(x, ReadError)]
+    assert reasons == [("image_index", "segment names image 0, which has no member")]
 
 
 def _bomb_png():
