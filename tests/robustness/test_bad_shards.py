@@ -191,3 +191,19 @@ def test_pretrain_refuses_bad_data_in_one_line_and_logs_skips(tmp_path):
     # the plan is a pure function of the seed: the same samples are drawn, and skipped, every run
     assert [r["skipped_samples"] for r in records] == [{"bad_json": 1}] + 3 * [{"bad_json": 2, "image_index": 1}]
     assert "skipped bad_json" in proc.stderr
+
+
+def test_data_verify_names_a_corrupted_shard(tmp_path):
+    shards = write_stage1_shards(tmp_path / "shards", documents=20)
+    ok = run_moca("data", "verify", shards)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("every shard matches its manifest"), ok.stderr
+    victim = os.path.join(shards, "shard-000001.tar")
+    with tarfile.open(victim) as tar:
+        start = next(m for m in tar.getmembers() if m.name.endswith(".json")).offset_data
+    data = bytearray(open(victim, "rb").read())
+    data[start:start + 4] = b"\xff" * 4  # the first .json member's opening bytes: same size, not UTF-8
+    open(victim, "wb").write(bytes(data))
+    proc = run_moca("data", "verify", shards)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"{victim}: sha256 differs from the manifest; unusable samples: 1 bad_json"]
+    assert "1 shard(s) with problems" in proc.stdout
