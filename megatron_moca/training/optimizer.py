@@ -20,7 +20,10 @@ def wrap_ddp(cfg: PretrainConfig, model):
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # each bucket's gradient norm is checked before its reduction (as Megatron-LM does by default): a NaN
+        # or Inf stops the step inside the backward, before any update (training/pretrain.py names it)
+        check_for_nan_in_grad=True)
     return DistributedDataParallel(model.config, ddp_config, model)
 
 

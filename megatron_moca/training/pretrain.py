@@ -160,25 +160,30 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
             step = next(batches)
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = forward_backward(
-                forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
-                data_iterator=iter(step.micro_batches), model=[ddp_model], num_microbatches=num_micro,
-                seq_length=seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-            updated, grad_norm, _ = optimizer.step()
-            if updated:
-                scheduler.step(increment=1)
-            iteration += 1
+            try:
+                losses = forward_backward(
+                    forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
+                    data_iterator=iter(step.micro_batches), model=[ddp_model], num_microbatches=num_micro,
+                    seq_length=seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+            except RuntimeError as e:  # megatron's gradient check (check_for_nan_in_grad)
+                if "found NaN" not in str(e) and "found Inf" not in str(e):
+                    raise
+                raise _diverged(iteration + 1, "gradient", "NaN/Inf", cfg, last_saved) from None
             local_flops = sum(training_step_flops(cfg.model, step_shape_of(b, cfg.model.attention == "causal"))
                               for b in step.micro_batches)
             sums = _reduce_step(losses, local_flops, layout)
             mlm = sums["mlm_sum"] / max(step.mlm_tokens, 1)
             mae = sums["mae_sum"] / step.mae_values if step.mae_values else 0.0
             loss = mlm + cfg.objective.mae_weight * mae
-            if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                raise TrainingError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at iteration "
-                                    f"{iteration}; the run stopped, its last checkpoint ({last_saved}) is intact "
-                                    "- lower optim.lr or check the data")
+            if not math.isfinite(loss):  # decided before the update: the weights stay those of a finite step
+                raise _diverged(iteration + 1, "loss", loss, cfg, last_saved)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+            updated, grad_norm, _ = optimizer.step()
+            if updated:
+                scheduler.step(increment=1)
+            iteration += 1
+            if grad_norm is not None and not math.isfinite(grad_norm):  # finite gradients whose norm overflowed
+                raise _diverged(iteration, "gradient norm", grad_norm, cfg, last_saved)
             window.add(time.perf_counter() - start, step.data_seconds, step.tokens, sums["flops"])
             skipped += 0 if updated else 1
             if cadence.logs(iteration):
@@ -216,6 +221,16 @@ def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:
     if dist.get_world_size() > 1:
         dist.all_reduce(totals[:len(SKIP_REASONS)])
     return {kind: int(n) for kind, n in zip(kinds, totals.tolist()) if n}
+
+
+def _diverged(iteration: int, what: str, value, cfg, last_saved: int) -> "TrainingError":
+    """The one-line stop of a run whose step went non-finite; the last checkpoint was written before it."""
+    from megatron_moca.checkpointing import iteration_dir
+
+    last = (f"the last good checkpoint is {iteration_dir(cfg.checkpoint.save, last_saved)}" if last_saved
+            else "no checkpoint was written yet")
+    return TrainingError(f"non-finite {what} ({value}) at iteration {iteration}: the run stopped before applying it; "
+                         f"{last} - lower optim.lr or check the data")
 
 
 def _replica_source(layout):

@@ -4,6 +4,7 @@ kill-and-resume, and TP=2 / PP=2 / DP=2 runs equal to one process (gloo, torchru
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from helpers import REPO, child_env, run_moca, write_stage1_shards
@@ -157,9 +159,20 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_its_last_checkpoint(shar
     save = tmp_path / "run"
     proc = run_moca(*pretrain_args(shards, str(save), "train.train_iters=5", "checkpoint.save_interval=1",
                                    "optim.lr=1e30", "optim.lr_warmup_iters=0"))
-    assert proc.returncode == 2 and "non-finite loss (nan)" in proc.stderr and "Traceback" not in proc.stderr
-    assert "its last checkpoint (1) is intact" in proc.stderr
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"moca: error: non-finite (loss|gradient) \(.*\) at iteration (\d): the run stopped before "
+                        r"applying it; the last good checkpoint is .*/iter_000000\d - lower optim.lr or check the data",
+                        last), last
+    stopped = int(re.search(r"at iteration (\d)", last).group(1))
+    assert f"the last good checkpoint is {save}/iter_{stopped - 1:07d}" in last
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped - 1)
+    export = run_moca("convert", "mcore-to-hf", "--checkpoint", str(save), "--output", str(tmp_path / "hf"))
+    assert export.returncode == 0, export.stderr[-2000:]
+    from megatron_moca.conversion.hf_io import SafetensorsReader
+
+    weights = SafetensorsReader(str(tmp_path / "hf"))
+    assert all(torch.isfinite(weights.get(k)).all() for k in weights.keys())  # no checkpoint holds NaN/Inf
 
 
 def test_data_path_without_manifest_is_named(tmp_path):
