@@ -132,6 +132,9 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_moca.compat import tie_helpers_to_this_process
+
+    tie_helpers_to_this_process()  # megatron's writer processes must not outlive a killed run
     folder = iteration_dir(root, iteration)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:

@@ -32,11 +32,12 @@ def check_output_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def staged_output(path: str):
-    """Yield a staging folder next to `path`; rename it to `path` on success, delete it on failure."""
+    """Yield a staging folder next to `path`; rename it to `path` on success, delete it on failure. A
+    staging folder that a killed conversion left is removed first (one name per output, so reruns reuse it)."""
     check_output_dir(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial-{os.getpid()}")
+    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
