@@ -182,9 +182,9 @@ def _cmd_eval(args) -> int:
     log = lambda line: print(line, flush=True)
     # the data is checked before the model loads: bad data fails fast
     if args.task == "mmeb":
-        from megatron_moca.eval.mmeb import evaluate_mmeb, subsets
+        from megatron_moca.eval.mmeb import evaluate_mmeb, read_mmeb
 
-        subsets(args.data)
+        mmeb = read_mmeb(args.data, limit=args.limit)
     else:
         from megatron_moca.eval.beir import read_beir
         from megatron_moca.eval.retrieval import TASK_PROMPTS, dataset_prompts, evaluate_retrieval
@@ -194,7 +194,7 @@ def _cmd_eval(args) -> int:
     embedder = MocaEmbedder(args.model, max_length=args.max_length,
                             image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
     if args.task == "mmeb":
-        metrics = evaluate_mmeb(embedder, args.data, batch_size=args.batch_size, limit=args.limit, log=log)
+        metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
     else:
         metrics = evaluate_retrieval(embedder, data, prompts, batch_size=args.batch_size, log=log)
     print(json.dumps({"task": args.task, **metrics}))

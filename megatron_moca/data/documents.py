@@ -55,12 +55,13 @@ def _image_bytes(ref, base_dir: str) -> bytes:
     if isinstance(ref, str):
         if ref.startswith("data:"):
             return _b64(ref.split(",", 1)[-1])
+        from megatron_moca.data.files import UnreadableFile, read_bounded
+
         path = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError:
-            raise DocumentError("image file missing") from None
+        try:  # never a FIFO, a device or an unbounded file
+            return read_bounded(path)
+        except UnreadableFile as e:
+            raise DocumentError(f"image file {e}") from None
     raise DocumentError(f"unsupported image reference of type {type(ref).__name__}")
 
 

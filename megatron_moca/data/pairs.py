@@ -8,23 +8,31 @@ which global batches visit them (spec moca-method.md, "Stage 2").
                          (neg_* lists, or lists written as strings: read with ast.literal_eval, never eval)
 
 Texts use Phi-3-V's `<|image_1|>` where the image goes (as MMEB-train does); a row without an image
-drops it. Image paths are relative to data.image_root (default: the entry's folder). Each subset is
-capped at data.max_rows_per_subset rows (the first ones). Text-only pair sets (E5-style) are the same
-columns with empty image paths.
+drops it. Image paths are relative to data.image_root (default: the entry's folder) and may not leave it
+(absolute paths and '..' are refused, naming the row, unless data.allow_images_outside_root). Every
+image is checked (a regular file within data.max_image_bytes whose header PIL reads) when the tables
+are read; a row with an unusable image is skipped and counted by reason (the reference substitutes a
+blank image instead: that trains the text to match a blank picture). Each subset is capped at
+data.max_rows_per_subset rows (the first ones). Text-only pair sets (E5-style) are the same columns
+with empty image paths.
 """
 
 from __future__ import annotations
 
 import ast
 import glob
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, image_file_problem
 from megatron_moca.data.image_processing import ImageProcessingConfig
 from megatron_moca.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("mixed", "single_task")
 TABLE_EXTS = (".jsonl", ".parquet")
@@ -40,6 +48,10 @@ class PairsDataConfig:
     """Pair tables: files, folders of tables, or folders of subset folders (MMEB-train layout)."""
     image_root: Optional[str] = None
     """Folder the *_image_path columns are relative to (default: each data.paths entry's folder)."""
+    allow_images_outside_root: bool = False
+    """Accept absolute image paths and paths that leave image_root with '..' (refused by default)."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Largest image file read; rows naming a larger one are skipped and counted."""
     max_rows_per_subset: int = 50000
     """Rows read per subset (the first ones; the reference caps every subset at 50k)."""
     sampler: str = "mixed"
@@ -108,8 +120,12 @@ class PairsData:
     def __init__(self, cfg: PairsDataConfig):
         if not cfg.paths:
             raise UserError("data.paths is empty: name at least one pairs table or folder")
+        self.cfg = cfg
         self.subsets: List[str] = []
         self.pairs: List[Pair] = []
+        self.skipped: Dict[str, int] = {}
+        """Rows dropped for an unusable image, by reason."""
+        self._where: List[str] = []  # file:line of each pair, for messages
         seen: Dict[str, str] = {}
         for entry in cfg.paths:
             root = cfg.image_root or (entry if os.path.isdir(entry) else os.path.dirname(entry))
@@ -118,6 +134,7 @@ class PairsData:
                     raise UserError(f"data.paths: subset {name} appears twice ({seen[name]} and {entry})")
                 seen[name] = entry
                 self._read_subset(name, files, root, cfg.max_rows_per_subset)
+        self._drop_rows_with_unusable_images()
 
     def _read_subset(self, name: str, files: Sequence[str], root: str, cap: int) -> None:
         from megatron_moca.eval.beir import table_rows
@@ -141,22 +158,52 @@ class PairsData:
                 self.pairs.append(Pair(index, self._side(row["qry"], row.get("qry_image_path"), root, where),
                                        self._side(row["pos_text"], row.get("pos_image_path"), root, where),
                                        [self._side(t, i, root, where) for t, i in zip(texts, images)]))
+                self._where.append(where)
                 count += 1
                 if count >= cap:
                     return
         if not count:
             raise UserError(f"subset {name}: its tables have no rows")
 
-    @staticmethod
-    def _side(text, image, root: str, where: str) -> Side:
+    def _side(self, text, image, root: str, where: str) -> Side:
         if text is not None and not isinstance(text, str):
             raise UserError(f"{where}: texts must be strings, got {type(text).__name__}")
+        if image is not None and not isinstance(image, str):
+            raise UserError(f"{where}: image paths must be strings, got {type(image).__name__}")
         if not image:
             return text or "", None
-        path = os.path.join(root, image)
-        if not os.path.isfile(path):
-            raise UserError(f"{where}: image {image} not found under {root} (set data.image_root)")
-        return text or "", path
+        return text or "", confined_path(root, image, where, self.cfg.allow_images_outside_root,
+                                         "data.allow_images_outside_root")
+
+    def _drop_rows_with_unusable_images(self) -> None:
+        """Check every distinct image once (threads: header reads wait on storage), then drop the rows
+        that name an unusable one, counting them by reason; a subset left empty is an error."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = sorted({path for p in self.pairs for _, path in (p.query, p.positive, *p.negatives) if path})
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            problems = dict(zip(paths, pool.map(
+                lambda path: image_file_problem(path, self.cfg.max_image_bytes, self.cfg.image), paths)))
+        kept, where_kept = [], []
+        for pair, where in zip(self.pairs, self._where):
+            bad = next((path for _, path in (pair.query, pair.positive, *pair.negatives) if path and problems[path]),
+                       None)
+            if bad is None:
+                kept.append(pair)
+                where_kept.append(where)
+                continue
+            reason = "image " + problems[bad].split(" (")[0]
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+            if sum(self.skipped.values()) <= 5:
+                log.warning("skipped %s: %s: %s", where, bad, problems[bad])
+        if self.skipped:
+            log.warning("skipped %d of %d pairs for unusable images: %s", len(self.pairs) - len(kept),
+                        len(self.pairs), ", ".join(f"{n} {reason}" for reason, n in self.skipped.items()))
+        self.pairs, self._where = kept, where_kept
+        empty = [name for name, size in zip(self.subsets, self.subset_sizes()) if not size]
+        if empty:
+            raise UserError(f"subset {empty[0]}: every row was skipped for an unusable image "
+                            f"({', '.join(f'{n} {r}' for r, n in self.skipped.items())}); check data.image_root")
 
     def subset_sizes(self) -> List[int]:
         sizes = [0] * len(self.subsets)

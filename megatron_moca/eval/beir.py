@@ -55,9 +55,12 @@ def _image(value, folder: str, where: str):
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        path = os.path.join(folder, value)
-        if not os.path.isfile(path):
-            raise UserError(f"{where}: image {value} not found under {folder}")
+        from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, file_problem
+
+        path = confined_path(folder, value, where)
+        problem = file_problem(path, MAX_IMAGE_BYTES)
+        if problem:
+            raise UserError(f"{where}: image {value} under {folder}: {problem}")
         return path
     return None
 
@@ -67,7 +70,7 @@ def _read_entries(folder: str, name: str, id_key: str) -> List[Entry]:
     if path is None:
         raise UserError(f"{os.path.join(folder, name)}.jsonl does not exist (BEIR layout: corpus, queries and "
                         "qrels as .jsonl or .parquet)")
-    out = []
+    out, first_seen = [], {}
     for n, row in table_rows(path):
         where = f"{path}:{n}"
         if not isinstance(row, dict) or ("_id" not in row and id_key not in row):
@@ -76,6 +79,9 @@ def _read_entries(folder: str, name: str, id_key: str) -> List[Entry]:
         entry = Entry(str(row.get("_id", row.get(id_key))), str(row.get("text") or row.get("query") or ""), image)
         if not entry.text and entry.image is None:
             raise UserError(f"{where}: record {entry.id} has neither text nor image")
+        if entry.id in first_seen:
+            raise UserError(f"{where}: id {entry.id!r} again (first at line {first_seen[entry.id]}); ids must be unique")
+        first_seen[entry.id] = n
         out.append(entry)
     if not out:
         raise UserError(f"{path}: no records")
@@ -113,6 +119,12 @@ def read_beir(folder: str, split: str = "test") -> BeirData:
     unknown = sorted({d for judged in qrels.values() for d in judged} - docs)
     if unknown:
         raise UserError(f"the qrels of {folder} judge corpus ids that the corpus lacks, e.g. {unknown[:3]}")
+    asked = {q.id for q in queries}
+    strangers = sorted(set(qrels) - asked)
+    if strangers:
+        raise UserError(f"the qrels of {folder} judge query ids that the queries lack, e.g. {strangers[:3]}")
+    if not any(grade > 0 for judged in qrels.values() for grade in judged.values()):
+        raise UserError(f"the {split} qrels of {folder} judge no query relevant to any document: nothing to score")
     return BeirData(corpus, queries, qrels)
 
 

@@ -13,18 +13,35 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_moca.errors import UserError
+from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, file_problem
 from megatron_moca.embed.inputs import PHI3V_IMAGE, embedder_input
+from megatron_moca.errors import UserError
 
-def _item(text: str, image: Optional[str], root: str):
-    path = os.path.join(root, image) if image else None
-    if path is not None and not os.path.isfile(path):
-        raise UserError(f"MMEB image {image} not found under {root}")
-    return embedder_input(text or "", path, PHI3V_IMAGE)
+
+@dataclass
+class MmebSubset:
+    """One subset read and checked: each row's query and candidate input indices into `inputs`."""
+
+    name: str
+    rows: List[Tuple[int, List[int]]]
+    inputs: List[object]
+
+
+def _image_path(image, root: str, where: str) -> Optional[str]:
+    if image is None or image == "":
+        return None
+    if not isinstance(image, str):
+        raise UserError(f"{where}: image paths must be strings, got {type(image).__name__}")
+    path = confined_path(root, image, where)
+    problem = file_problem(path, MAX_IMAGE_BYTES)
+    if problem:
+        raise UserError(f"{where}: MMEB image {image} under {root}: {problem}")
+    return path
 
 
 def subsets(folder: str) -> List[Tuple[str, List[str]]]:
@@ -40,51 +57,69 @@ def subsets(folder: str) -> List[Tuple[str, List[str]]]:
     return found
 
 
-def _rows(files: List[str]):
+def _checked_row(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: an MMEB row is an object")
+    for key in ("qry_text", "tgt_text", "tgt_img_path"):
+        if key not in row:
+            raise UserError(f"{where}: MMEB row without {key}")
+    texts, images = row["tgt_text"], row["tgt_img_path"]
+    if not isinstance(texts, list) or not isinstance(images, list) or not texts or len(texts) != len(images):
+        raise UserError(f"{where}: tgt_text and tgt_img_path must be non-empty lists of equal length")
+    if not all(isinstance(t, str) or t is None for t in [row["qry_text"], *texts]):
+        raise UserError(f"{where}: qry_text and tgt_text entries must be strings")
+    return row
+
+
+def read_subset(name: str, files: List[str], root: str, limit: int = 0) -> MmebSubset:
+    """Every row of one subset (the first `limit`), checked, its images confined to root and present;
+    every distinct (text, image) input listed once."""
     from megatron_moca.eval.beir import table_rows
 
-    for path in files:
-        for n, row in table_rows(path):
-            for key in ("qry_text", "tgt_text", "tgt_img_path"):
-                if key not in row:
-                    raise UserError(f"{path}:{n}: MMEB row without {key}")
-            if len(row["tgt_text"]) != len(row["tgt_img_path"]) or not row["tgt_text"]:
-                raise UserError(f"{path}:{n}: tgt_text and tgt_img_path must be non-empty lists of equal length")
-            yield row
+    index: Dict[Tuple[str, str], int] = {}
+    inputs: List[object] = []
 
-
-def evaluate_subset(embedder, files: List[str], root: str, batch_size: int = 8, limit: int = 0) -> Dict[str, float]:
-    inputs: Dict[str, object] = {}
-    index: Dict[str, int] = {}
-
-    def key_of(text, image):
-        key = repr((text or "", image or ""))
+    def key_of(text, image, where):
+        key = (text or "", image or "")
         if key not in index:
-            index[key] = len(index)
-            inputs[key] = _item(text, image, root)
+            index[key] = len(inputs)
+            inputs.append(embedder_input(text or "", _image_path(image, root, where), PHI3V_IMAGE))
         return index[key]
 
     rows = []
-    for row in _rows(files):
-        query = key_of(row["qry_text"], row.get("qry_img_path"))
-        candidates = [key_of(t, i) for t, i in zip(row["tgt_text"], row["tgt_img_path"])]
-        rows.append((query, candidates))
-        if limit and len(rows) >= limit:
-            break
-    vectors = embedder.embed(list(inputs.values()), batch_size=batch_size)
+    for path in files:
+        for n, row in table_rows(path):
+            where = f"{path}:{n}"
+            row = _checked_row(row, where)
+            query = key_of(row["qry_text"], row.get("qry_img_path"), where)
+            rows.append((query, [key_of(t, i, where) for t, i in zip(row["tgt_text"], row["tgt_img_path"])]))
+            if limit and len(rows) >= limit:
+                return MmebSubset(name, rows, inputs)
+    if not rows:
+        raise UserError(f"MMEB subset {name}: its tables ({', '.join(os.path.basename(f) for f in files)}) have no rows")
+    return MmebSubset(name, rows, inputs)
+
+
+def read_mmeb(folder: str, limit: int = 0) -> List[MmebSubset]:
+    """Every subset of an MMEB-eval folder, read and checked before any model is loaded."""
+    root = os.path.join(folder, "eval_images") if os.path.isdir(os.path.join(folder, "eval_images")) else folder
+    return [read_subset(name, files, root, limit) for name, files in subsets(folder)]
+
+
+def evaluate_subset(embedder, subset: MmebSubset, batch_size: int = 8) -> Dict[str, float]:
+    vectors = embedder.embed(subset.inputs, batch_size=batch_size)
     hits = 0
-    for query, candidates in rows:
+    for query, candidates in subset.rows:
         scores = vectors[candidates] @ vectors[query]
         hits += int(torch.argmax(scores).item() == 0)
-    return {"hit@1": hits / len(rows), "rows": len(rows), "inputs": len(inputs)}
+    return {"hit@1": hits / len(subset.rows), "rows": len(subset.rows), "inputs": len(subset.inputs)}
 
 
-def evaluate_mmeb(embedder, folder: str, batch_size: int = 8, limit: int = 0, log=None) -> Dict[str, object]:
-    root = os.path.join(folder, "eval_images") if os.path.isdir(os.path.join(folder, "eval_images")) else folder
+def evaluate_mmeb(embedder, data: List[MmebSubset], batch_size: int = 8, log=None) -> Dict[str, object]:
     results = {}
-    for name, files in subsets(folder):
-        results[name] = evaluate_subset(embedder, files, root, batch_size, limit)
+    for subset in data:
+        results[subset.name] = evaluate_subset(embedder, subset, batch_size)
         if log:
-            log(f"{name}: hit@1 {results[name]['hit@1']:.4f} over {results[name]['rows']} rows")
+            log(f"{subset.name}: hit@1 {results[subset.name]['hit@1']:.4f} over {results[subset.name]['rows']} rows")
     overall = sum(r["hit@1"] for r in results.values()) / len(results)
     return {"overall": overall, "subsets": {name: r["hit@1"] for name, r in results.items()}}

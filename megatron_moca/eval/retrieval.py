@@ -43,12 +43,32 @@ def dataset_prompts(folder: str, default: Prompts) -> Prompts:
     path = os.path.join(folder, PROMPTS_FILE)
     if not os.path.isfile(path):
         return default
-    with open(path) as f:
-        given = json.load(f)
+    try:
+        with open(path) as f:
+            given = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     names = {f.name for f in dataclasses.fields(Prompts)}
-    if not isinstance(given, dict) or set(given) - names:
-        raise UserError(f"{path}: expected an object with keys among {sorted(names)}")
+    if not isinstance(given, dict) or set(given) - names or not all(isinstance(v, str) for v in given.values()):
+        raise UserError(f"{path}: expected an object of strings with keys among {sorted(names)}")
+    for key, template in given.items():
+        check_template(template, f"{path}: {key}")
     return dataclasses.replace(default, **given)
+
+
+def check_template(template: str, where: str) -> None:
+    """A prompt template may name only {text}; anything else is a one-line error, not a KeyError later."""
+    import string
+
+    from megatron_moca.errors import UserError
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise UserError(f"{where}: not a valid template ({e}): {template[:80]!r}") from None
+    if fields - {"text"}:
+        raise UserError(f"{where}: unknown field(s) {sorted(fields - {'text'})} in {template[:80]!r}; "
+                        "templates may use only {text}")
 
 
 def _item(entry: Entry, template: str):

@@ -200,8 +200,10 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     if rank0:  # only now: a refused resume leaves the run directory as it was
         os.makedirs(save, exist_ok=True)
         write_resolved_config(cfg)
-        log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks",
-                 len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp)
+        skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items())
+        log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks%s",
+                 len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp,
+                 f" (skipped {sum(data.skipped.values())} rows: {skipped})" if skipped else "")
 
     inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image)
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,

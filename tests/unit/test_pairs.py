@@ -17,7 +17,9 @@ def _table(path, rows):
 
 def test_mmeb_train_rows_become_pairs(tmp_path):
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "a.jpg").write_bytes(b"not decoded here")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.jpg")  # only its header is read here
     _table(tmp_path / "SetA" / "train.jsonl", [
         {"qry": "<|image_1|> what is it?", "qry_image_path": "images/a.jpg", "pos_text": "a cat", "pos_image_path": "",
          "neg_text": "['a dog', 'a bird']", "neg_image_path": "['', 'images/a.jpg']"},
@@ -37,7 +39,8 @@ def test_mmeb_train_rows_become_pairs(tmp_path):
     ({"qry": "q", "pos_text": "p", "neg_text": "['a', 'b']", "neg_image_path": "['x.png']"}, "2 neg_text entries but 1"),
     ({"qry": "q", "pos_text": "p", "neg_text": "['unclosed"}, "looks like a list but does not parse"),
     ({"qry": "q", "pos_text": "p", "neg_text": "__import__('os').system('true')"}, None),  # a plain string, never run
-    ({"qry": "q", "qry_image_path": "missing.png", "pos_text": "p"}, "image missing.png not found"),
+    ({"qry": "q", "qry_image_path": "../outside.png", "pos_text": "p"}, "image path '../outside.png' points outside"),
+    ({"qry": "q", "qry_image_path": 7, "pos_text": "p"}, "image paths must be strings, got int"),
 ])
 def test_bad_rows_are_named(tmp_path, row, message):
     _table(tmp_path / "Set" / "train.jsonl", [row])

@@ -44,7 +44,7 @@ def test_beir_folder_and_its_errors(tmp_path):
     assert [e.id for e in data.corpus] == ["d1"] and data.qrels == {"q1": {"d1": 1.0}}
     cases = [
         ([{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], "q1\td7\t1\n", "the corpus lacks, e.g. ['d7']"),
-        ([{"_id": "d1", "image": "missing.png"}], [{"_id": "q1", "text": "y"}], "q1\td1\t1\n", "image missing.png not found"),
+        ([{"_id": "d1", "image": "missing.png"}], [{"_id": "q1", "text": "y"}], "q1\td1\t1\n", "image missing.png under .*: missing"),
         ([{"text": "no id"}], [{"_id": "q1", "text": "y"}], "q1\td1\t1\n", "not a BEIR record with an _id"),
         ([{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], "q1\td1\thigh\n", "score 'high' is not a number"),
     ]

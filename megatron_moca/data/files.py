@@ -1,0 +1,88 @@
+"""Files that data tables name (images of stage-2 pairs, evaluation sets and `moca data prepare` inputs):
+confined to the folder they are relative to, and read only when they are regular files of bounded size.
+
+A table from a stranger can name `/etc/shadow`, `../../secrets`, a FIFO that blocks the reader forever,
+`/dev/zero` (endless) or a 40 GB file; each is refused here with a reason, before it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Optional
+
+from megatron_moca.errors import UserError
+
+MAX_IMAGE_BYTES = 64 * 2**20
+"""Default bound on one image file (a 64 MiB PNG is already far beyond 1024 visual tokens)."""
+
+
+class UnreadableFile(ValueError):
+    """A named file that is not read: missing, not a regular file, or larger than the bound."""
+
+
+def confined_path(root: str, name: str, where: str, allow_outside: bool = False, setting: str = "") -> str:
+    """`name` (a path from a table) joined to `root`; a UserError naming `where` (file:line) when it is
+    absolute or climbs out of root with '..', unless allow_outside (then it is taken as given)."""
+    if allow_outside:
+        return os.path.join(root, name)
+    joined = os.path.normpath(os.path.join(root, name))
+    inside = os.path.normpath(root)
+    if os.path.isabs(name) or not (joined == inside or joined.startswith(inside.rstrip(os.sep) + os.sep)):
+        hint = f" (set {setting}=true to allow paths outside it)" if setting else ""
+        raise UserError(f"{where}: image path {name[:120]!r} points outside {root}{hint}")
+    return joined
+
+
+def file_problem(path: str, max_bytes: int) -> Optional[str]:
+    """Why `path` must not be read (missing, not a regular file, over max_bytes), or None."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({type(e).__name__})"
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or
+                stat.S_ISBLK(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "a socket or other")
+        return f"not a regular file ({kind})"
+    if max_bytes and info.st_size > max_bytes:
+        return f"larger than the limit ({info.st_size} > {max_bytes} bytes)"
+    return None
+
+
+def read_bounded(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most max_bytes (checked again while reading: it may grow)."""
+    problem = file_problem(path, max_bytes)
+    if problem:
+        raise UnreadableFile(problem)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1 if max_bytes else -1)
+    except OSError as e:
+        raise UnreadableFile(f"unreadable ({type(e).__name__})") from None
+    if max_bytes and len(data) > max_bytes:
+        raise UnreadableFile(f"larger than the limit ({max_bytes} bytes)")
+    return data
+
+
+def image_file_problem(path: str, max_bytes: int, image_cfg) -> Optional[str]:
+    """Why an image file cannot be used (file_problem, or a header PIL cannot read / an image over the
+    decode limit), or None. Reads the header only."""
+    from megatron_moca.data.image_processing import ImageError, ImageTooLarge, open_image
+
+    problem = file_problem(path, max_bytes)
+    if problem:
+        return problem
+    try:
+        with open(path, "rb") as f:
+            head = f.read(min(max_bytes or 2**20, 2**20))
+        with open_image(head, image_cfg):
+            pass
+    except ImageTooLarge as e:
+        return f"too many pixels ({e})"
+    except ImageError as e:
+        return f"undecodable ({str(e).replace('undecodable image ', '')})"
+    except OSError as e:
+        return f"unreadable ({type(e).__name__})"
+    return None
