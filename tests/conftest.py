@@ -1,6 +1,7 @@
 """Shared fixtures: random HF checkpoints, a converted checkpoint, the one-process megatron runtime.
 Plain helpers live in helpers.py (a module name no other conftest.py can shadow)."""
 
+import glob
 import os
 
 import pytest
@@ -35,3 +36,17 @@ def megatron_runtime():
     layout = runtime.initialize(1, 1, seed=1234)
     yield layout
     runtime.shutdown()
+
+
+def real_image_paths():
+    import skimage
+
+    folder = os.path.join(os.path.dirname(skimage.__file__), "data")
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith((".png", ".jpg", ".jpeg")))
+
+
+@pytest.fixture(scope="session")
+def real_images():
+    paths = real_image_paths()
+    assert len(paths) >= 20, "scikit-image's data folder should hold its sample images"
+    return paths

@@ -38,6 +38,46 @@ def run_torchrun(nproc, script, *args, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def kill_when(args, ready, timeout=300):
+    """Start `moca *args`, SIGKILL it once ready() holds; returns the helper processes it had then."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_moca.cli", *args], env=child_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    helpers, deadline = {}, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            helpers.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+        except psutil.NoSuchProcess:
+            break
+        if ready():
+            helpers.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(60) == -signal.SIGKILL, "the command ended before it could be killed"
+    return list(helpers.values())
+
+
+def assert_helpers_gone(helpers, within=5.0):
+    """Every process in `helpers` (psutil.Process) has exited within `within` seconds."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + within
+    alive = helpers
+    while time.time() < deadline:
+        alive = [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"still running {within} s after the kill: {[' '.join(p.cmdline())[-120:] for p in alive]}")
+
+
 def tiny_config(**language):
     from megatron_moca.config.model import preset
 

@@ -73,9 +73,13 @@ def _b64(text: str) -> bytes:
 
 
 def from_record(record: dict, key: str, base_dir: str = ".", source: str = "") -> Document:
-    """Parse a MoCa-form or OBELICS-form record into a Document."""
+    """Parse a MoCa-form or OBELICS-form record into a Document (DocumentError for mistyped fields)."""
     if not isinstance(record, dict):
         raise DocumentError("record is not a JSON object")
+    for field_name, kinds, what in (("images", (list, tuple), "a list"), ("texts", (list, tuple), "a list"),
+                                    ("meta", (dict,), "an object")):
+        if record.get(field_name) is not None and not isinstance(record[field_name], kinds):
+            raise DocumentError(f"'{field_name}' is not {what}")
     if "texts" in record:
         return _from_obelics(record, key, base_dir, source)
     if "text" in record:

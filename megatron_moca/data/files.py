@@ -47,7 +47,7 @@ def file_problem(path: str, max_bytes: int) -> Optional[str]:
                 stat.S_ISBLK(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "a socket or other")
         return f"not a regular file ({kind})"
     if max_bytes and info.st_size > max_bytes:
-        return f"larger than the limit ({info.st_size} > {max_bytes} bytes)"
+        return f"larger than the limit ({max_bytes} bytes)"
     return None
 
 

@@ -5,13 +5,25 @@ pool (parse, image integrity via a reduced-size decode, pixel limit against deco
 token counts), and written in input order by the main process, so memory does not grow with the
 corpus and the output is deterministic. Every skipped record is counted by reason in the manifest
 and listed (key, input, reason) in skipped.jsonl; nothing else is lost.
+
+At scale:
+  * resumable: after each completed shard, prepare_state.json records how far the inputs were read;
+    rerunning the same command after a kill keeps the completed shards, redoes the rest, and writes
+    byte for byte what an uninterrupted run writes (the manifest carries no timestamp);
+  * partitions: `--partition I/N` prepares every N-th input file from the I-th (a SLURM array job,
+    examples/prepare_array.sbatch) into OUTPUT/part-0000I-of-0000N; `moca data merge OUTPUT` writes one
+    manifest over all partitions' shards; sample keys carry a hash of their input file's path, so no
+    two inputs (in one run or across partitions) share a key;
+  * progress on stderr: documents/s, MB/s written, skipped (a line every 30 s when not a terminal).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from typing import Iterator, List, Optional, Tuple
@@ -19,7 +31,7 @@ from typing import Iterator, List, Optional, Tuple
 from megatron_moca.data.documents import Document, DocumentError, from_record
 from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, ImageTooLarge, image_tokens,
                                                   open_image)
-from megatron_moca.data.shards import FORMAT, MANIFEST, SKIPPED, ShardWriter, safe_key
+from megatron_moca.data.shards import FORMAT, MANIFEST, SKIPPED, ShardInfo, ShardWriter, read_manifest, safe_key
 from megatron_moca.errors import UserError
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -39,10 +51,18 @@ def list_inputs(src: str) -> List[str]:
     return found
 
 
+def key_prefix(name: str) -> str:
+    """The sample-key prefix of an input file: its path (relative to the input root) made key-safe and
+    cut to 48 characters, plus 10 hex digits of the exact path's sha256, so that inputs whose names
+    differ only in characters safe_key replaces (or past the cut) never share keys."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{safe_key(os.path.splitext(name)[0])[:48]}-{digest}"
+
+
 def iter_records(path: str, name: str) -> Iterator[Tuple[str, object]]:
-    """(key, record or DocumentError) for every row of one input file, lazily; keys derive from
-    `name` (the file's path relative to the input root) and the row number."""
-    stem = safe_key(os.path.splitext(name)[0])
+    """(key, record or DocumentError) for every row of one input file, lazily; keys are
+    key_prefix(name) (name: the file's path relative to the input root) and the row number."""
+    stem = key_prefix(name)
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -115,62 +135,197 @@ def _check(item) -> Tuple[str, object, int, int]:
         return key, doc, text, images
     except DocumentError as e:
         return key, str(e), 0, 0
+    except Exception as e:  # one record never stops a prepare: counted under its error type
+        return key, f"unexpected error ({type(e).__name__})", 0, 0
 
 
 # -- main side ----------------------------------------------------------------------------------
+STATE = "prepare_state.json"
+PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+def parse_partition(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """'I/N' -> (I, N) with 0 <= I < N; None for None."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--partition {text}: expected I/N, e.g. 3/8") from None
+    if not 0 <= index < count:
+        raise UserError(f"--partition {text}: I must be within 0..N-1")
+    return index, count
+
+
+def partition_folder(output: str, partition: Tuple[int, int]) -> str:
+    return os.path.join(output, f"part-{partition[0]:05d}-of-{partition[1]:05d}")
+
+
 def prepare(src: str, output: str, workers: int = 0, max_shard_bytes: int = 256 * 2**20,
-            tokenizer_dir: Optional[str] = None, progress: Optional[bool] = None) -> dict:
-    """Convert interleaved JSONL/parquet files (a file or a folder of them) into shards + manifest."""
+            tokenizer_dir: Optional[str] = None, progress: Optional[bool] = None,
+            partition: Optional[Tuple[int, int]] = None) -> dict:
+    """Convert interleaved JSONL/parquet files (a file or a folder of them) into shards + manifest;
+    with partition=(I, N), every N-th input file from the I-th into partition_folder(output)."""
     inputs = list_inputs(src)
     root = os.path.abspath(src) if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    if partition is not None:
+        inputs = inputs[partition[0]::partition[1]]
+        output = partition_folder(output, partition)
+        if not inputs:
+            raise UserError(f"--partition {partition[0]}/{partition[1]}: no input file falls in it "
+                            f"(fewer input files than partitions)")
+    names = [os.path.relpath(os.path.abspath(p), root) for p in inputs]
+    fingerprint = {"inputs": [[name, os.path.getsize(p), os.stat(p).st_mtime_ns] for name, p in zip(names, inputs)],
+                   "max_shard_bytes": max_shard_bytes, "tokenizer": tokenizer_dir, "format": FORMAT}
 
     def items():
-        for path in inputs:
-            name = os.path.relpath(os.path.abspath(path), root)
+        for path, name in zip(inputs, names):
             for key, record in iter_records(path, name):
                 yield key, record, os.path.dirname(os.path.abspath(path)), name
 
-    return write_corpus(items(), output, [os.path.relpath(os.path.abspath(p), root) for p in inputs], workers,
-                        max_shard_bytes, tokenizer_dir, progress)
+    return write_corpus(items(), output, names, workers, max_shard_bytes, tokenizer_dir, progress, fingerprint)
+
+
+class _Progress:
+    """Documents/s, MB/s written and skipped counts on stderr: in place on a terminal, else a line
+    every PROGRESS_EVERY seconds."""
+
+    def __init__(self, enabled: Optional[bool]):
+        self.tty = sys.stderr.isatty()
+        self.enabled = True if enabled is None else enabled
+        self.t0 = self.last = time.time()
+
+    def show(self, documents: int, skipped: int, written_bytes: int, final: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or not (final or self.tty or now - self.last >= PROGRESS_EVERY):
+            return
+        self.last = now
+        seconds = max(now - self.t0, 1e-9)
+        line = (f"prepare: {documents} documents ({documents / seconds:.1f}/s), {written_bytes / 2**20:.1f} MB written "
+                f"({written_bytes / 2**20 / seconds:.1f} MB/s), {skipped} skipped, {seconds:.0f} s")
+        print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
 def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers: int = 0,
                  max_shard_bytes: int = 256 * 2**20, tokenizer_dir: Optional[str] = None,
-                 progress: Optional[bool] = None) -> dict:
-    """Validate, measure and shard (key, record | Document | DocumentError, base dir, input name) items."""
-    if os.path.exists(output) and os.listdir(output):
-        raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
+                 progress: Optional[bool] = None, fingerprint: Optional[dict] = None) -> dict:
+    """Validate, measure and shard (key, record | Document | DocumentError, base dir, input name) items.
+    A folder holding prepare_state.json of the same job (fingerprint) is resumed after its last
+    complete shard; a folder holding the same job's manifest is returned as it is."""
+    fingerprint = fingerprint or {"inputs": inputs, "max_shard_bytes": max_shard_bytes, "tokenizer": tokenizer_dir,
+                                  "format": FORMAT}
+    state = _resumable_state(output, fingerprint)
+    if state is not None and state.get("complete"):
+        with open(os.path.join(output, MANIFEST)) as f:
+            return json.load(f)
     workers = workers or max(1, (os.cpu_count() or 1))
-    progress = sys.stderr.isatty() if progress is None else progress
-    writer = ShardWriter(output, max_shard_bytes)
-    skipped, totals, t0 = {}, {"samples": 0, "text_tokens": 0, "image_tokens": 0, "images": 0}, time.time()
-    with open(os.path.join(output, SKIPPED), "w") as skipped_log, \
-            mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
+    done = state or {"items": 0, "skipped": {}, "skipped_log_bytes": 0, "shards": [],
+                     "totals": {"samples": 0, "text_tokens": 0, "image_tokens": 0, "images": 0}}
+    skipped, totals, position = dict(done["skipped"]), dict(done["totals"]), done["items"]
+    shown = _Progress(progress)
+    os.makedirs(output, exist_ok=True)
+    skipped_log = open(os.path.join(output, SKIPPED), "r+" if state else "w")
+    skipped_log.truncate(done["skipped_log_bytes"])
+    skipped_log.seek(done["skipped_log_bytes"])
+
+    def checkpoint(_shard: ShardInfo) -> None:  # a shard is complete: record how to resume after it
+        skipped_log.flush()
+        _write_json(os.path.join(output, STATE), {
+            "fingerprint": fingerprint, "items": position + 1, "skipped": skipped, "totals": totals,
+            "skipped_log_bytes": skipped_log.tell(), "shards": [vars(s) for s in writer.shards]})
+
+    writer = ShardWriter(output, max_shard_bytes, done=[ShardInfo(**s) for s in done["shards"]], on_close=checkpoint)
+    if not state:
+        _write_json(os.path.join(output, STATE), {"fingerprint": fingerprint, **done})
+    for _ in zip(range(done["items"]), items):  # what the completed shards already hold (or skipped)
+        pass
+    position = done["items"] - 1
+    with skipped_log, mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
         while True:
             window = [x for _, x in zip(range(WINDOW), items)]
             if not window:
                 break
             for (key, result, text, image), item in zip(pool.map(_check, window, chunksize=8), window):
+                position += 1
                 if isinstance(result, Document):
-                    writer.write(result, text, image)
                     totals["samples"] += 1
                     totals["text_tokens"] += text
                     totals["image_tokens"] += image
                     totals["images"] += len(result.images)
+                    writer.write(result, text, image)
                 else:
                     skipped[result] = skipped.get(result, 0) + 1
                     skipped_log.write(json.dumps({"key": key, "input": item[3], "reason": result}) + "\n")
-            if progress:
-                print(f"\r{totals['samples']} written, {sum(skipped.values())} skipped, "
-                      f"{time.time() - t0:.0f} s", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    shards = writer.close()
-    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "inputs": inputs, "totals": totals, "skipped": dict(sorted(skipped.items())),
+            shown.show(totals["samples"], sum(skipped.values()), sum(s.bytes for s in writer.shards))
+        shards = writer.close()
+    shown.show(totals["samples"], sum(skipped.values()), sum(s.bytes for s in shards), final=True)
+    manifest = {"format": FORMAT, "inputs": inputs, "totals": totals, "skipped": dict(sorted(skipped.items())),
                 "shards": [vars(s) for s in shards]}
-    tmp = os.path.join(output, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output, MANIFEST))
+    _write_json(os.path.join(output, MANIFEST), manifest)
+    _write_json(os.path.join(output, STATE), {"fingerprint": fingerprint, "complete": True})
     return manifest
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _resumable_state(output: str, fingerprint: dict) -> Optional[dict]:
+    """The saved progress of this same job in `output` (None for a new or empty folder), with every file
+    that the last complete shard does not account for removed; a UserError for a folder of anything else."""
+    if not os.path.exists(output) or not os.listdir(output):
+        return None
+    path = os.path.join(output, STATE)
+    state = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = None
+    if state is None or state.get("fingerprint") != fingerprint:
+        what = "another job's output (other inputs or settings)" if state else "not the output of this command"
+        raise UserError(f"--output {output}: exists, is not empty and is {what}; choose a new directory")
+    if state.get("complete"):
+        return state
+    keep = {STATE, SKIPPED} | {n for s in state["shards"] for n in (s["name"], s["name"] + ".idx")}
+    for name in os.listdir(output):
+        if name not in keep:  # a shard cut by the kill, later shards, temporary files
+            target = os.path.join(output, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    return state
+
+
+def merge(output: str) -> dict:
+    """One manifest.json in `output` over the shards of its complete partitions (part-*-of-N folders
+    written by prepare(..., partition=(I, N)) for every I), with their totals and skip counts summed."""
+    parts = sorted(n for n in os.listdir(output) if n.startswith("part-") and os.path.isdir(os.path.join(output, n))) \
+        if os.path.isdir(output) else []
+    if not parts:
+        raise UserError(f"{output}: no part-*-of-* folders (write them with moca data prepare --partition I/N)")
+    counts = {n.rsplit("-of-", 1)[-1] for n in parts}
+    if len(counts) != 1:
+        raise UserError(f"{output}: partitions of different counts ({', '.join(sorted(counts))}); merge one job's")
+    expected = [f"part-{i:05d}-of-{int(next(iter(counts))):05d}" for i in range(int(next(iter(counts))))]
+    missing = [n for n in expected if n not in parts or not os.path.isfile(os.path.join(output, n, MANIFEST))]
+    if missing:
+        raise UserError(f"{output}: partition {missing[0]} is missing or incomplete ({len(missing)} of {len(expected)}); "
+                        "rerun its prepare command")
+    merged = {"format": FORMAT, "inputs": [], "totals": {}, "skipped": {}, "shards": [], "partitions": expected}
+    for name in expected:
+        folder = os.path.join(output, name)
+        read_manifest(folder, "moca data merge")  # every shard present with its recorded size
+        with open(os.path.join(folder, MANIFEST)) as f:
+            part = json.load(f)
+        merged["inputs"] += part["inputs"]
+        for key, n in part["totals"].items():
+            merged["totals"][key] = merged["totals"].get(key, 0) + n
+        for reason, n in part["skipped"].items():
+            merged["skipped"][reason] = merged["skipped"].get(reason, 0) + n
+        merged["shards"] += [{**s, "name": f"{name}/{s['name']}"} for s in part["shards"]]
+    merged["skipped"] = dict(sorted(merged["skipped"].items()))
+    _write_json(os.path.join(output, MANIFEST), merged)
+    return merged

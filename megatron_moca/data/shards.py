@@ -21,7 +21,7 @@ import os
 import struct
 import tarfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Union
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 from megatron_moca.data.documents import Document, DocumentError
 
@@ -60,8 +60,9 @@ def manifest_path(folder: str, setting: str) -> str:
 
 def read_manifest(folder: str, setting: str) -> List[dict]:
     """The shard entries of `folder`'s manifest, checked before any training: each names a shard file
-    inside the folder (no path parts) that exists with the byte size the manifest records. A UserError
-    naming the setting, the folder and the first bad entry otherwise."""
+    inside the folder (a relative path without '..' or hidden parts: `moca data merge` lists the
+    partitions' subfolders) that exists with the byte size the manifest records. A UserError naming
+    the setting, the folder and the first bad entry otherwise."""
     from megatron_moca.errors import UserError
 
     path = manifest_path(folder, setting)
@@ -72,7 +73,8 @@ def read_manifest(folder: str, setting: str) -> List[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{setting}: {path} is not a shard manifest ({type(e).__name__}: {e})") from None
     for name, samples, size in entries:
-        if os.path.basename(name) != name or name.startswith(".") or not name:
+        parts = name.split("/")
+        if not name or os.path.isabs(name) or any(not part or part.startswith(".") for part in parts):
             raise UserError(f"{setting}: {path} names {name[:80]!r}, which is not a file inside {folder}")
         shard = os.path.join(folder, name)
         if not os.path.isfile(shard):
@@ -164,11 +166,15 @@ class ShardWriter:
     to `.tar` only when complete, so a crash never leaves a truncated shard under a final name."""
 
     def __init__(self, folder: str, max_shard_bytes: int = 256 * 2**20, prefix: str = "shard",
-                 max_shard_samples: int = 0):
+                 max_shard_samples: int = 0, done: Optional[List[ShardInfo]] = None,
+                 on_close: Optional[Callable[[ShardInfo], None]] = None):
+        """done: shards already complete in `folder` (a resumed write numbers the next one after them);
+        on_close: called after each shard is complete under its final name."""
         self.folder, self.max_shard_bytes, self.prefix = folder, max_shard_bytes, prefix
         self.max_shard_samples = max_shard_samples
         os.makedirs(folder, exist_ok=True)
-        self.shards: List[ShardInfo] = []
+        self.shards: List[ShardInfo] = list(done or [])
+        self.on_close = on_close
         self._tar = None
         self._info = None
 
@@ -195,6 +201,8 @@ class ShardWriter:
         self._info.bytes, self._info.sha256 = os.path.getsize(final), digest.hexdigest()
         self.shards.append(self._info)
         self._tar = None
+        if self.on_close is not None:
+            self.on_close(self._info)
 
     def write(self, doc: Document, text_tokens: int = 0, image_tokens: int = 0) -> str:
         """Append one document; returns the shard name it went to."""

@@ -128,5 +128,8 @@ def test_prepare_reads_parquet_with_binary_images(tmp_path, real_images):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["samples"] == 3 and manifest["skipped"] == {"more image placeholders than images": 1}
     docs = [d for s in manifest["shards"] for d in read_shard(str(out / s["name"]))]
-    assert [d.key for d in docs] == ["moca-000000000", "moca-000000001", "obelics-000000000"]
+    from megatron_moca.data.prepare import key_prefix
+
+    assert [d.key for d in docs] == [f"{key_prefix('moca.parquet')}-000000000", f"{key_prefix('moca.parquet')}-000000001",
+                                     f"{key_prefix('obelics.parquet')}-000000000"]
     assert docs[0].images == [data[0]] and docs[2].images == [data[2]] and docs[2].segments == ["intro", 0, "outro"]
