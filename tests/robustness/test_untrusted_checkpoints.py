@@ -115,7 +115,7 @@ def test_the_allowlist_admits_what_megatron_core_writes(version, stage1_run, tmp
     assert any(k.startswith("language.") for k in metadata.state_dict_metadata)
     items = dict((key, load_weights_only(io.BytesIO(data), key)) for key, data in _byte_items(folder))
     loader = items["moca_loader_state/shard_0_1"][0]
-    assert set(loader) == {"step", "counts", "skipped"}
+    assert {"step", "counts", "skipped"} <= set(loader)
     rng = items["moca_rng_state/shard_0_1"][0]
     assert isinstance(rng["torch"], torch.Tensor) and isinstance(rng["numpy"][1], torch.Tensor)
     assert {"optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1"} <= set(items)
