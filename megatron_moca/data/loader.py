@@ -2,8 +2,10 @@
 exact save/restore, all deterministic given a seed.
 
 The plan is a pure function of the seed: global step t picks a source with a weighted draw from
-rng(seed, t); that source's local index j maps to (epoch, shard, offset) through a per-epoch shard
-permutation and the shards' sample counts; the sample's masking RNG is rng(seed, source, j). Data-
+rng(seed, t); that source's local index j maps to (epoch, shard, offset) through a per-epoch
+pseudo-random permutation of all the source's samples (data/permutation.py; or, with
+data.sample_order=sequential, a per-epoch shard order read front to back) and the shards' sample
+counts; the sample's masking RNG is rng(seed, source, j). Data-
 parallel rank r takes the global steps t = r, r + dp, r + 2dp, ...: ranks are disjoint and together
 cover every step. Workers (a spawn-context process pool fed step numbers) only read and build
 samples; the main process packs them in order. State = the first step not yet packed plus the
@@ -26,6 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_moca.data.permutation import IndexPermutation
 from megatron_moca.data.shards import MAX_MEMBER_BYTES, ReadError, index_shard, read_manifest, read_sample
 from megatron_moca.errors import UserError
 
@@ -52,9 +55,16 @@ class LoaderConfig:
     """Samples in flight per worker."""
     max_member_bytes: int = MAX_MEMBER_BYTES
     """Largest shard member (a document's .json or one encoded image) read; larger ones skip the sample."""
+    sample_order: str = "permuted"
+    """`permuted`: each epoch visits a source's samples in a pseudo-random order over all its shards
+    (O(1) state, read through the shards' .idx); `sequential`: shards in a per-epoch random order, each
+    read front to back (consecutive steps then read neighbouring documents of one input file)."""
     max_bad_sample_fraction: float = 0.01
     """Stop the run when more than this share of one shard's samples (per epoch, per data-parallel rank's
     share of the shard) cannot be used; 1.0 only stops on a source with no usable sample at all."""
+
+
+SAMPLE_ORDERS = ("permuted", "sequential")
 
 
 class DataError(UserError):
@@ -64,29 +74,38 @@ class DataError(UserError):
 class Source:
     """One shard folder: sample counts per shard, and (epoch, local index) -> (shard path, offset)."""
 
-    def __init__(self, folder: str, source_id: int, seed: int, max_member_bytes: int = MAX_MEMBER_BYTES):
+    def __init__(self, folder: str, source_id: int, seed: int, max_member_bytes: int = MAX_MEMBER_BYTES,
+                 order: str = "permuted"):
         shards = read_manifest(folder, "data path")
         self.folder, self.source_id, self.seed = folder, source_id, seed
-        self.max_member_bytes = max_member_bytes
+        self.max_member_bytes, self.order = max_member_bytes, order
         self.names = [s["name"] for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.total = sum(self.counts)
         if not self.total:
             raise UserError(f"data path {folder}: the manifest lists no samples")
         self._offsets: Dict[str, List[int]] = {}
-        self._epoch_cache: Tuple[int, List[int], List[int]] = (-1, [], [])
+        self._epoch_cache: tuple = (-1, [], [], None)
 
     def _epoch_layout(self, epoch: int):
         if self._epoch_cache[0] != epoch:
-            order = np.random.default_rng([self.seed, self.source_id, epoch, 7]).permutation(len(self.names)).tolist()
+            if self.order == "sequential":  # shards in a per-epoch order, each read front to back
+                order = np.random.default_rng([self.seed, self.source_id, epoch, 7]).permutation(len(self.names))
+                order = order.tolist()
+                permute = None
+            else:  # every sample of the source at a pseudo-random position of the epoch
+                order, permute = list(range(len(self.names))), IndexPermutation(self.total, self.seed,
+                                                                                self.source_id, epoch, 7)
             starts = np.cumsum([0] + [self.counts[i] for i in order]).tolist()
-            self._epoch_cache = (epoch, order, starts)
-        return self._epoch_cache[1], self._epoch_cache[2]
+            self._epoch_cache = (epoch, order, starts, permute)
+        return self._epoch_cache[1:]
 
     def locate(self, local_index: int) -> Tuple[str, int]:
         """(shard path, sample position in that shard) of the source's local_index-th sample."""
         epoch, pos = divmod(local_index, self.total)
-        order, starts = self._epoch_layout(epoch)
+        order, starts, permute = self._epoch_layout(epoch)
+        if permute is not None:
+            pos = permute(pos)
         k = bisect.bisect_right(starts, pos) - 1
         return os.path.join(self.folder, self.names[order[k]]), pos - starts[k]
 
@@ -150,7 +169,7 @@ class _SampleBuilderDataset:
 
         step, source_id, local_index = item
         if self._sources is None:
-            self._sources = [Source(p, i, self.cfg.seed, self.cfg.max_member_bytes)
+            self._sources = [Source(p, i, self.cfg.seed, self.cfg.max_member_bytes, self.cfg.sample_order)
                              for i, p in enumerate(self.cfg.paths)]
             self._builder = self.builder_factory()
         source = self._sources[source_id]
@@ -209,7 +228,10 @@ class Stage1Loader:
         if not cfg.paths:
             raise UserError("data.paths is empty: name at least one shard folder")
         self.cfg, self.builder_factory = cfg, builder_factory
-        self.sources = [Source(p, i, cfg.seed, cfg.max_member_bytes) for i, p in enumerate(cfg.paths)]
+        if cfg.sample_order not in SAMPLE_ORDERS:
+            raise UserError(f"data.sample_order={cfg.sample_order!r}: expected one of {', '.join(SAMPLE_ORDERS)}")
+        self.sources = [Source(p, i, cfg.seed, cfg.max_member_bytes, cfg.sample_order)
+                        for i, p in enumerate(cfg.paths)]
         weights = cfg.weights or [s.total for s in self.sources]
         if len(weights) != len(self.sources):
             raise UserError(f"data.weights has {len(weights)} entries for {len(self.sources)} paths")
