@@ -85,3 +85,29 @@ def test_an_export_killed_mid_write_reruns_to_the_same_files(converted, tmp_path
     assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
     for name in os.listdir(out):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(straight, name), "rb").read(), name
+
+
+def test_finetune_killed_mid_save_resumes_to_the_same_run(tiny_hf_dir, tmp_path):
+    from helpers import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs", text_rows=8, image_rows=4)
+    common = ["finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", "model.compute_dtype=float32",
+              "train.global_batch_size=4", "data.max_length=96", "data.num_workers=1", "data.image.min_pixels=3136",
+              "data.image.max_pixels=6272", "train.train_iters=4", "checkpoint.save_interval=2", "optim.lr=1e-4",
+              "logging.log_interval=1"]
+    straight = str(tmp_path / "straight")
+    assert run_moca(*common, f"checkpoint.save={straight}").returncode == 0
+    save = str(tmp_path / "killed")
+    staging = os.path.join(save, "iter_0000004.partial")
+
+    def saving_iteration_4():
+        return os.path.isdir(staging) and any(n.endswith(".safetensors") or n.endswith(".tmp")
+                                              for n in os.listdir(staging))
+
+    helpers = kill_when([*common, f"checkpoint.save={save}"], saving_iteration_4)
+    assert_helpers_gone(helpers)
+    rerun = run_moca(*common, f"checkpoint.save={save}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and not os.path.exists(staging)
+    keys = ("step", "loss", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in metrics(save)] == [[r[k] for k in keys] for r in metrics(straight)]
