@@ -84,7 +84,7 @@ class Source:
         self.total = sum(self.counts)
         if not self.total:
             raise UserError(f"data path {folder}: the manifest lists no samples")
-        self._offsets: Dict[str, List[int]] = {}
+        self._offsets: Dict[str, np.ndarray] = {}
         self._epoch_cache: tuple = (-1, [], [], None)
 
     def _epoch_layout(self, epoch: int):
@@ -111,12 +111,12 @@ class Source:
 
     def read(self, local_index: int):
         path, position = self.locate(local_index)
-        if path not in self._offsets:
-            self._offsets[path] = index_shard(path) if os.path.isfile(path) else []
+        if path not in self._offsets:  # 8 bytes per sample: a permuted epoch touches every shard
+            self._offsets[path] = np.asarray(index_shard(path) if os.path.isfile(path) else [], dtype=np.int64)
         offsets = self._offsets[path]
         if position >= len(offsets):
             return ReadError("", os.path.basename(path), "sample missing from shard (truncated or unreadable)")
-        return read_sample(path, offsets[position], self.max_member_bytes)
+        return read_sample(path, int(offsets[position]), self.max_member_bytes)
 
 
 class Plan:

@@ -107,7 +107,7 @@ def _as_list(value, where: str, column: str) -> List[str]:
             return [value] if text else []
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # deep or huge literals too
             raise UserError(f"{where}: {column} looks like a list but does not parse: {text[:80]!r}") from None
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise UserError(f"{where}: {column} must be a list of strings")

@@ -221,7 +221,8 @@ def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers
     workers = workers or max(1, (os.cpu_count() or 1))
     done = state or {"items": 0, "skipped": {}, "skipped_log_bytes": 0, "shards": [],
                      "totals": {"samples": 0, "text_tokens": 0, "image_tokens": 0, "images": 0}}
-    skipped, totals, position = dict(done["skipped"]), dict(done["totals"]), done["items"]
+    skipped, totals = dict(done["skipped"]), dict(done["totals"])
+    position = done["items"] - 1  # index of the last item accounted for
     shown = _Progress(progress)
     os.makedirs(output, exist_ok=True)
     skipped_log = open(os.path.join(output, SKIPPED), "r+" if state else "w")
@@ -239,7 +240,6 @@ def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers
         _write_json(os.path.join(output, STATE), {"fingerprint": fingerprint, **done})
     for _ in zip(range(done["items"]), items):  # what the completed shards already hold (or skipped)
         pass
-    position = done["items"] - 1
     with skipped_log, mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
         while True:
             window = [x for _, x in zip(range(WINDOW), items)]
