@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.errors import UserError
-from megatron_moca.safe_load import audit_dist_checkpoint
+from megatron_moca.safe_load import audit_dist_checkpoint, load_json
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_JSON = "moca_model.json"
@@ -77,11 +77,7 @@ def checkpoint_has_prefix(folder: str, prefix: str) -> bool:
 def read_checkpoint_json(folder: str) -> dict:
     """moca_model.json of an iter_ folder (the ModelConfig, and a trainer's layout and schedule)."""
     path = os.path.join(folder, MODEL_JSON)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    meta = load_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise UserError(f"{path}: expected an object with a 'model' object")
     return meta

@@ -109,6 +109,16 @@ def load_weights_only(file: Union[str, BinaryIO], source: str = None):
             from None
 
 
+def load_json(path: str):
+    """A JSON file's value; a UserError naming the file when it is not valid JSON (FileNotFoundError
+    passes through: callers say what the file should have been)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
 def audit_dist_checkpoint(folder: str) -> None:
     """Read every pickle of a megatron torch_dist checkpoint folder restrictedly, before megatron or
     torch read it unrestricted: `.metadata` files, common.pt, and each non-tensor item (megatron's
@@ -137,12 +147,9 @@ def audit_dist_checkpoint(folder: str) -> None:
 def _check_backend(folder: str) -> None:
     path = os.path.join(folder, "metadata.json")
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = load_json(path)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; not a megatron dist checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
     backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
     if backend != "torch_dist":
         raise UserError(f"{path}: sharded_backend {backend!r}; only torch_dist checkpoints are read")

@@ -16,6 +16,7 @@ import torch
 
 from megatron_moca.conversion.mapping import normalize_hf_key
 from megatron_moca.errors import UserError
+from megatron_moca.safe_load import load_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,11 +32,7 @@ def read_config(folder: str) -> dict:
         raise UserError(f"{folder}: not a directory")
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; a Hugging Face Qwen2.5-VL folder needs config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return load_json(path)
 
 
 def load_transformers_model(folder: str, dtype: torch.dtype):

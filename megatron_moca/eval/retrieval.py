@@ -35,19 +35,15 @@ PROMPTS_FILE = "moca_prompts.json"
 def dataset_prompts(folder: str, default: Prompts) -> Prompts:
     """The prompts a data folder asks for in its moca_prompts.json (stand-ins built here write one), else default."""
     import dataclasses
-    import json
     import os
 
     from megatron_moca.errors import UserError
+    from megatron_moca.safe_load import load_json
 
     path = os.path.join(folder, PROMPTS_FILE)
     if not os.path.isfile(path):
         return default
-    try:
-        with open(path) as f:
-            given = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    given = load_json(path)
     names = {f.name for f in dataclasses.fields(Prompts)}
     if not isinstance(given, dict) or set(given) - names or not all(isinstance(v, str) for v in given.values()):
         raise UserError(f"{path}: expected an object of strings with keys among {sorted(names)}")

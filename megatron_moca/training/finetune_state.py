@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_moca.checkpointing import iteration_dir, write_tracker
 from megatron_moca.errors import UserError
-from megatron_moca.safe_load import load_weights_only
+from megatron_moca.safe_load import load_json, load_weights_only
 from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
 STATE_FILE = "trainer_state.json"
@@ -103,11 +103,7 @@ def check_resumable(folder: str, identity: Dict[str, object]) -> dict:
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {STATE_FILE}; not a complete `moca finetune` checkpoint")
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    state = load_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
         raise UserError(f"{path}: expected an object with the run's iteration and world_size")
     for key, value in identity.items():
