@@ -93,3 +93,23 @@ def test_fp8_settings_are_validated():
         setattr(bad, field, value)
         with pytest.raises(UserError, match=message):
             bad.validate()
+
+
+@pytest.mark.parametrize("where", ["override", "yaml"])
+def test_float_settings_refuse_inf_and_nan(where, tmp_path):
+    """Any float field (optim.lr, objective.temperature, ...) refuses inf/nan when the config is built."""
+    from megatron_moca.config.finetune import load_finetune_config
+    from megatron_moca.config.pretrain import load_pretrain_config
+
+    for load, key, value in [(load_pretrain_config, "optim.lr", "nan"), (load_pretrain_config, "optim.clip_grad", "inf"),
+                             (load_finetune_config, "objective.temperature", "-inf")]:
+        section, name = key.split(".")
+        if where == "override":
+            args = (None, [f"{key}={value}"])
+        else:
+            path = tmp_path / "recipe.yaml"
+            path.write_text(f"{section}:\n  {name}: {value.replace('inf', '.inf').replace('nan', '.nan')}\n")
+            args = (str(path), [])
+        with pytest.raises(UserError, match=f"config key {key}: expected a finite number"):
+            load(*args)
+    assert load_pretrain_config(None, ["optim.lr=3e-4"]).optim.lr == 3e-4
