@@ -11,7 +11,9 @@ code the moment it is loaded. Every file this project reads that holds a pickle 
     CHECKPOINT_METADATA_CLASSES (what megatron-core 0.16.1 and 0.19.2 on torch 2.x actually write);
   * `audit_dist_checkpoint` reads all of those in a megatron checkpoint folder BEFORE megatron-core or
     torch load it (both unpickle some of them without restrictions), so a folder that asks for anything
-    else is refused with one line naming the file and the class, and nothing is loaded or written.
+    else is refused with one line naming the file and the class, and nothing is loaded or written;
+  * a module `_extra_state` that carries a payload (Transformer Engine pickles its FP8 metadata into one
+    and unpickles it unrestricted on load) is refused unless MOCA_TRUST_FP8_EXTRA_STATE=1.
 
 Everything else the project reads is JSON, YAML (safe_load), safetensors or images.
 """
@@ -30,8 +32,8 @@ import torch
 from megatron_moca.errors import UserError
 
 # (module, name) pairs that a torch.distributed.checkpoint `.metadata` pickle may name. Read off the
-# checkpoints written by megatron-core 0.16.1 and 0.19.2 (torch 2.11 / 2.13), see
-# tests/robustness/test_untrusted_checkpoints.py; torch dtypes are admitted by value (below).
+# checkpoints that megatron-core 0.16.1 and 0.19.2 write with torch 2.13 (tests/robustness/
+# test_untrusted_checkpoints.py); torch dtypes are admitted by value (below).
 CHECKPOINT_METADATA_CLASSES = frozenset({
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
@@ -58,7 +60,7 @@ class UnsafeFileError(UserError):
 
 def _refusal(source: str, wanted: str) -> UnsafeFileError:
     return UnsafeFileError(f"{source}: refused to load: it asks for {wanted}, which is not checkpoint data "
-                           "(loading never runs code from a file; see README, 'Trust')")
+                           "(loading never runs code from a file; see README, 'Robustness and trust')")
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -174,4 +176,22 @@ def _audit_byte_item(folder: str, key: str, info) -> None:
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
-    load_weights_only(io.BytesIO(data), source)
+    value = load_weights_only(io.BytesIO(data), source)
+    if key.split("/")[0].endswith("._extra_state") and _holds_bytes(value) and os.environ.get(TRUST_EXTRA_STATE) != "1":
+        raise UnsafeFileError(f"{source}: holds serialized module state (Transformer Engine's FP8 metadata), which "
+                              f"TE unpickles without restriction when it loads; set {TRUST_EXTRA_STATE}=1 for "
+                              "checkpoints you trust")
+
+
+TRUST_EXTRA_STATE = "MOCA_TRUST_FP8_EXTRA_STATE"
+
+
+def _holds_bytes(value) -> bool:
+    """Whether a module's `_extra_state` carries a payload (TE: a pickle as a uint8 tensor or BytesIO);
+    megatron's own modules store None."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, io.BytesIO) and item.getbuffer().nbytes:
+            return True
+        if isinstance(item, torch.Tensor) and item.numel():
+            return True
+    return False

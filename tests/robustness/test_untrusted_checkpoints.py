@@ -240,3 +240,29 @@ def test_a_garbled_moca_model_json_is_one_line(content, message, stage1_run, tmp
     proc = run_moca("convert", "mcore-to-hf", "--checkpoint", run, "--output", str(tmp_path / "hf"))
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_te_style_extra_state_payload_needs_explicit_trust(megatron_runtime, tmp_path, monkeypatch):
+    """Transformer Engine pickles its FP8 metadata into a module's `_extra_state` and unpickles it
+    unrestricted on load: a checkpoint carrying such a payload is refused unless the user trusts it."""
+    import pickle
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    from megatron_moca.safe_load import TRUST_EXTRA_STATE, UnsafeFileError, audit_dist_checkpoint
+
+    marker = str(tmp_path / "PWNED")
+    payload = torch.frombuffer(bytearray(pickle.dumps(Payload(marker))), dtype=torch.uint8)
+    folder = str(tmp_path / "ckpt")
+    os.makedirs(folder)
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", torch.ones(2)),
+                             "x": ShardedObject("layer.linear._extra_state", payload, (1,), (0,), replica_id=0)},
+                            folder)
+    monkeypatch.delenv(TRUST_EXTRA_STATE, raising=False)
+    with pytest.raises(UnsafeFileError, match=f"item layer.linear._extra_state/shard_0_1\\): holds serialized module "
+                                              f"state .* set {TRUST_EXTRA_STATE}=1"):
+        audit_dist_checkpoint(folder)
+    monkeypatch.setenv(TRUST_EXTRA_STATE, "1")
+    audit_dist_checkpoint(folder)  # the user's explicit trust: passed on to TE
+    assert not os.path.exists(marker)
