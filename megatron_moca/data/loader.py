@@ -305,11 +305,12 @@ class Stage1Loader:
         nothing usable in a whole pass (this rank's share of the source's samples)."""
         source = self.sources[source_id]
         path, _ = source.locate(local)
-        shard = os.path.basename(path)
+        shard = os.path.relpath(path, source.folder)  # as the manifest names it (merged: part-*/shard-*)
         log.warning("skipped sample %s in %s: %s", error.key or "?", path, error.reason)
         bad.skipped[error.kind] = bad.skipped.get(error.kind, 0) + 1
         bad.bad_run[source_id] += 1
-        if bad.bad_run[source_id] >= -(-source.total // self.dp_size):
+        # this rank's share of a pass (at least 32 reads, or the whole source, when ranks outnumber samples)
+        if bad.bad_run[source_id] >= max(-(-source.total // self.dp_size), min(source.total, 32)):
             raise DataError(f"data path {source.folder}: no usable sample in a whole pass over its {source.total} "
                             f"samples (last: {shard}: {error.reason}); check the shards with `moca data verify`")
         epoch = local // source.total

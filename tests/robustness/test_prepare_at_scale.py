@@ -129,5 +129,24 @@ def test_partitions_merged_hold_the_documents_of_one_prepare(tmp_path, real_imag
     assert manifest["totals"] == json.load(open(os.path.join(whole, "manifest.json")))["totals"]
     verify = run_moca("data", "verify", parts)  # the loader's checks accept the partitions' subfolders
     assert verify.returncode == 0, verify.stderr
+    # the loader reads the merged dataset, and counts a bad sample inside a partition's shard
+    import tarfile
+
+    from megatron_moca.data.loader import LoaderConfig, Stage1Loader, stage1_builder_factory
+    from megatron_moca.data.samples import Stage1SampleConfig
+
+    victim = os.path.join(parts, "part-00000-of-00002", "shard-000000.tar")
+    with tarfile.open(victim) as tar:
+        start = next(m for m in tar.getmembers() if m.name.endswith(".json")).offset_data
+    data = bytearray(open(victim, "rb").read())
+    data[start:start + 2] = b"\xff\xff"
+    open(victim, "wb").write(bytes(data))
+    loader = Stage1Loader(LoaderConfig(paths=[parts], pack_length=2048, max_bad_sample_fraction=1.0),
+                          stage1_builder_factory(None, Stage1SampleConfig(max_length=1024, image_pipeline="cpu")),
+                          pad_id=151643, image_token_id=151655)
+    rows = iter(loader)
+    while loader.state_dict()["counts"][0] < len(documents(whole)) + 1:
+        next(rows)
+    assert loader.state_dict()["skipped"] == {"bad_json": 1}
     bad = run_moca("data", "prepare", "--input", src, "--output", parts, "--partition", "2/2")
     assert bad.returncode == 2 and "--partition 2/2: I must be within 0..N-1" in bad.stderr
