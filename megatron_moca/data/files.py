@@ -75,9 +75,7 @@ def image_file_problem(path: str, max_bytes: int, image_cfg) -> Optional[str]:
     if problem:
         return problem
     try:
-        with open(path, "rb") as f:
-            head = f.read(min(max_bytes or 2**20, 2**20))
-        with open_image(head, image_cfg):
+        with open(path, "rb") as f, open_image(f, image_cfg):  # PIL reads as far as the header only
             pass
     except ImageTooLarge as e:
         return f"too many pixels ({e})"

@@ -84,13 +84,13 @@ def _normalisation_table() -> np.ndarray:
 _TABLE = _normalisation_table()
 
 
-def open_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig()):
-    """Bytes -> PIL image with only its header read; ImageError for unreadable headers, ImageTooLarge
-    for more pixels than cfg.max_decode_pixels (checked before any decoding)."""
+def open_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig()):
+    """Bytes (or a binary file object) -> PIL image with only its header read; ImageError for unreadable
+    headers, ImageTooLarge for more pixels than cfg.max_decode_pixels (checked before any decoding)."""
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
     except Image.DecompressionBombError:
         raise ImageTooLarge("the header exceeds PIL's decompression-bomb limit") from None
     except Exception as e:  # PIL raises many types for bad headers
