@@ -163,3 +163,22 @@ def test_an_image_cut_by_the_budget_is_never_decoded(real_images, tokenizer, mon
     with pytest.raises(DocumentError, match="image 1"):  # with room for it, the cut body is found
         Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=100000, image_pipeline="cpu")).build(
             truncated_doc, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("mlm, mae", [(0.15, 0.2), (0.7, 0.85)])
+def test_masking_rates_follow_non_default_probabilities(mlm, mae, real_images, tokenizer):
+    """At p = 0.5 a rate of 1 - p passes too: check both maskings where p and 1 - p differ, set from the config."""
+    builder = Stage1SampleBuilder(tokenizer, Stage1SampleConfig(max_length=8192, image_pipeline="cpu",
+                                                                mlm_probability=mlm, mae_probability=mae))
+    masked = maskable = groups = noised = 0
+    for seed in range(6):
+        s = builder.build(doc(real_images, 3), np.random.default_rng(seed))
+        hit = s.labels != IGNORE_INDEX
+        original = np.where(hit, s.labels, s.input_ids)
+        maskable += int((~np.isin(original, list(tokenizer.special_ids))).sum())
+        masked += int(hit.sum())
+        image_tokens = s.mae_token_mask[s.input_ids == tokenizer.image_pad_id]
+        groups += image_tokens.shape[0]
+        noised += int(image_tokens.sum())
+    assert abs(masked / maskable - mlm) < 5 * (mlm * (1 - mlm) / maskable) ** 0.5, masked / maskable
+    assert abs(noised / groups - mae) < 5 * (mae * (1 - mae) / groups) ** 0.5, noised / groups
