@@ -187,8 +187,12 @@ def parallel_runs(shards, reference_run, tmp_path_factory):
     start = os.path.join(reference_run[0], "iter_0000003")
     root = tmp_path_factory.mktemp("parallel")
     common = ["train.train_iters=3", "checkpoint.save_interval=100", f"checkpoint.load={start}"]
+    gbs4 = "train.global_batch_size=4"
     layouts = {"single": (1, []), "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
-               "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]), "dp2": (2, [])}
+               "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]), "dp2": (2, []),
+               # the loss is normalised per GLOBAL batch: rows per micro-batch must not matter
+               "mbs2": (1, ["train.micro_batch_size=2"]), "gbs4": (1, [gbs4]),
+               "gbs4_mbs2": (1, [gbs4, "train.micro_batch_size=2"]), "gbs4_dp2": (2, [gbs4])}
     out = {}
     for name, (nproc, extra) in layouts.items():
         save = str(root / name)
@@ -199,12 +203,15 @@ def parallel_runs(shards, reference_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
-def test_parallel_layouts_train_like_one_process(parallel_runs, layout):
+@pytest.mark.parametrize("layout, reference", [("tp2", "single"), ("pp2", "single"), ("dp2", "single"),
+                                               ("mbs2", "single"), ("gbs4_mbs2", "gbs4"), ("gbs4_dp2", "gbs4")])
+def test_parallel_layouts_train_like_one_process(parallel_runs, layout, reference):
     """Step 1 (same weights, same global batch): losses within 1e-6, the gradient norm (a sum of squares
     over every parameter, in another order per layout) within 5e-5. Later steps follow AdamW updates,
-    which divide by the root of tiny second moments and so magnify last-bit differences: 1e-4."""
-    ref, got = parallel_runs["single"], parallel_runs[layout]
+    which divide by the root of tiny second moments and so magnify last-bit differences: 1e-4.
+    mbs2 / gbs4_mbs2: two rows per micro-batch; gbs4_dp2: two ranks with two micro-batches each - all the
+    same global batch as their one-row-per-micro-batch reference."""
+    ref, got = parallel_runs[reference], parallel_runs[layout]
     assert len(got) == len(ref) == 3
     for a, b in zip(ref, got):
         for key in ("loss", "mlm_loss", "mae_loss", "grad_norm"):
