@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -217,3 +218,24 @@ def test_parallel_layouts_train_like_one_process(parallel_runs, layout, referenc
         for key in ("loss", "mlm_loss", "mae_loss", "grad_norm"):
             bound = (5e-5 if key == "grad_norm" else 1e-6) if a["step"] == 1 else 1e-4
             assert abs(a[key] - b[key]) <= bound * abs(a[key]), (layout, a["step"], key, a[key], b[key])
+
+
+def test_mae_weight_scales_the_mae_gradient_as_the_formula_says(shards, tmp_path):
+    """loss = mlm + w * mae, so the first step's gradient is g_mlm + w g_mae and its squared norm a
+    quadratic in w: |g|^2 = A + 2Bw + Cw^2. Four weights: the norms must differ (a trainer that ignores
+    objective.mae_weight logs one norm four times - its logged loss is rebuilt from the config and would
+    hide it) and the fourth must follow from the other three."""
+    norms, parts = {}, set()
+    for w in (0.5, 1.0, 2.0, 4.0):
+        save = str(tmp_path / f"w{w}")
+        proc = run_moca(*pretrain_args(shards, save, "train.train_iters=1", "optim.lr_warmup_iters=0",
+                                       f"objective.mae_weight={w}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        record = metrics(save)[0]
+        norms[w] = record["grad_norm"]
+        parts.add((record["mlm_loss"], record["mae_loss"]))
+    assert len(parts) == 1  # the same weights and batch: only the weighting differs
+    assert abs(norms[4.0] - norms[0.5]) > 1e-3 * norms[0.5], norms
+    ws = (0.5, 1.0, 2.0)
+    a, b, c = np.linalg.solve(np.array([[1, 2 * w, w * w] for w in ws]), np.array([norms[w] ** 2 for w in ws]))
+    assert abs((a + 8 * b + 16 * c) ** 0.5 - norms[4.0]) <= 1e-5 * norms[4.0], (norms, a, b, c)
