@@ -19,17 +19,21 @@ def model_for(backend, mode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_last_token_reaches_position_zero_only_when_bidirectional(megatron_runtime, backend):
-    model = model_for(backend, "bidirectional")
-    ids, mask, pixels, grid = build_batch(model.cfg, [[(1, 4, 4)], []], seed=1)  # row 1 is padded
+    """Each mode as a model is BUILT from its config (model.attention), and as the other mode's model
+    switched to it afterwards (set_attention): both give the mode's semantics and the same outputs."""
+    switched = model_for(backend, "causal")
+    ids, mask, pixels, grid = build_batch(switched.cfg, [[(1, 4, 4)], []], seed=1)  # row 1 is padded
     doc = torch.where(mask.bool(), 0, -1)
     last = int(mask[0].sum()) - 1
     changed = ids.clone()
     changed[0, last] = (changed[0, last] + 17) % 150000
     for mode, expect_change in (("bidirectional", True), ("causal", False)):
-        model.set_attention(mode)
+        built = model_for(backend, mode)
+        switched.set_attention(mode)
         with torch.no_grad():
-            a = model(ids, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
-            b = model(changed, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
+            a = built(ids, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
+            b = built(changed, document_ids=doc, pixel_values=pixels, image_grid_thw=grid)
+            assert torch.equal(a, switched(ids, document_ids=doc, pixel_values=pixels, image_grid_thw=grid))
         moved = (a[0, 0] - b[0, 0]).abs().max().item()
         assert (moved > 1e-4) == expect_change, (mode, moved)
         # padding never leaks into real tokens of the other row
