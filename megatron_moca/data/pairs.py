@@ -114,6 +114,20 @@ def _as_list(value, where: str, column: str) -> List[str]:
     return list(value)
 
 
+def _fill_empty_negatives(texts: List[str], positive: str, rng: np.random.Generator) -> List[str]:
+    """The MoCa reference's rule for hard negatives without text (haon-chen/MoCa src/dataset.py,
+    TaskBatchDataset.__getitem__): when every negative's text is empty (image negatives that share the
+    positive's instruction) each takes the positive's text; otherwise an empty one takes one of the
+    non-empty negative texts - drawn per row from a seeded generator, where the reference draws
+    unseeded - instead of becoming a bare image placeholder."""
+    if "" not in texts:
+        return texts
+    filled = [t for t in texts if t]
+    if not filled:
+        return [positive] * len(texts)
+    return [t or filled[int(rng.integers(len(filled)))] for t in texts]
+
+
 class PairsData:
     """Every pair of every subset, in memory (texts and image paths only)."""
 
@@ -155,6 +169,8 @@ class PairsData:
                     raise UserError(f"{where}: {len(texts)} neg_text entries but {len(images)} neg_image_path entries")
                 width = max(len(texts), len(images))
                 texts, images = texts or [""] * width, images or [""] * width
+                texts = _fill_empty_negatives(texts, row["pos_text"] or "",
+                                              np.random.default_rng([self.cfg.seed, index, count]))
                 self.pairs.append(Pair(index, self._side(row["qry"], row.get("qry_image_path"), root, where),
                                        self._side(row["pos_text"], row.get("pos_image_path"), root, where),
                                        [self._side(t, i, root, where) for t, i in zip(texts, images)]))

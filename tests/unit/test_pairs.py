@@ -89,3 +89,23 @@ def test_batches_larger_than_the_data_are_refused():
         BatchPlan([3, 3], global_batch=4, sampler="single_task", seed=0)
     with pytest.raises(UserError, match="data.sampler='random'"):
         BatchPlan([3], global_batch=1, sampler="random", seed=0)
+
+
+def test_empty_negative_texts_follow_the_reference(tmp_path):
+    """All negatives' texts empty: each takes the positive's text (its instruction, with its own image);
+    some empty: an empty one takes one of the others' texts - the same one on every read (seeded)."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for name in ("n0", "n1", "n2"):
+        Image.new("RGB", (30, 30)).save(tmp_path / "img" / f"{name}.png")
+    _table(tmp_path / "Set" / "train.jsonl", [
+        {"qry": "q", "pos_text": "<|image_1|>\\nRepresent the given image.", "pos_image_path": "img/n0.png",
+         "neg_text": "['', '']", "neg_image_path": "['img/n1.png', 'img/n2.png']"},
+        {"qry": "q2", "pos_text": "p2", "neg_text": "['', 'alpha', 'beta']"}])
+    cfg = PairsDataConfig(paths=[str(tmp_path / "Set")], image_root=str(tmp_path))
+    first, second = PairsData(cfg).pairs
+    assert first.negatives == [("<|image_1|>\\nRepresent the given image.", str(tmp_path / "img" / "n1.png")),
+                               ("<|image_1|>\\nRepresent the given image.", str(tmp_path / "img" / "n2.png"))]
+    assert second.negatives[1:] == [("alpha", None), ("beta", None)] and second.negatives[0][0] in ("alpha", "beta")
+    assert PairsData(cfg).pairs[1].negatives == second.negatives
