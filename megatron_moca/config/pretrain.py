@@ -176,6 +176,8 @@ class PretrainConfig:
             read_manifest(path, "data.paths")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
             raise UserError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} paths")
+        if self.data.max_samples_per_source < 0:
+            raise UserError(f"data.max_samples_per_source={self.data.max_samples_per_source}: 0 (all) or a positive cap")
         if not 0 <= self.data.max_bad_sample_fraction <= 1 or self.data.max_member_bytes < 1:
             raise UserError(f"data.max_bad_sample_fraction={self.data.max_bad_sample_fraction} must be within 0..1 and "
                             f"data.max_member_bytes={self.data.max_member_bytes} at least 1")

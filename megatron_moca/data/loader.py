@@ -42,7 +42,10 @@ class LoaderConfig:
     paths: List[str] = field(default_factory=list)
     """Shard folders (each with manifest.json)."""
     weights: Optional[List[float]] = None
-    """Blend weight per folder (default: proportional to sample counts)."""
+    """Blend weight per folder (default: proportional to sample counts, after max_samples_per_source)."""
+    max_samples_per_source: int = 0
+    """Use at most this many samples of each data.paths entry: its first ones in manifest order (0: all;
+    the MoCa reference caps each of its 10 sources at 500k)."""
     seed: int = 1234
     """Seed of the plan (source draws, shard order) and of masking."""
     pack_length: int = 4096
@@ -75,12 +78,18 @@ class Source:
     """One shard folder: sample counts per shard, and (epoch, local index) -> (shard path, offset)."""
 
     def __init__(self, folder: str, source_id: int, seed: int, max_member_bytes: int = MAX_MEMBER_BYTES,
-                 order: str = "permuted"):
+                 order: str = "permuted", max_samples: int = 0):
+        """max_samples: use only the source's first samples in manifest order (0: all of them)."""
         shards = read_manifest(folder, "data path")
         self.folder, self.source_id, self.seed = folder, source_id, seed
         self.max_member_bytes, self.order = max_member_bytes, order
-        self.names = [s["name"] for s in shards]
-        self.counts = [int(s["samples"]) for s in shards]
+        self.names, self.counts = [], []
+        for shard in shards:
+            room = max_samples - sum(self.counts) if max_samples else shard["samples"]
+            if room <= 0:
+                break
+            self.names.append(shard["name"])
+            self.counts.append(min(int(shard["samples"]), room))
         self.total = sum(self.counts)
         if not self.total:
             raise UserError(f"data path {folder}: the manifest lists no samples")
@@ -169,8 +178,8 @@ class _SampleBuilderDataset:
 
         step, source_id, local_index = item
         if self._sources is None:
-            self._sources = [Source(p, i, self.cfg.seed, self.cfg.max_member_bytes, self.cfg.sample_order)
-                             for i, p in enumerate(self.cfg.paths)]
+            self._sources = [Source(p, i, self.cfg.seed, self.cfg.max_member_bytes, self.cfg.sample_order,
+                                    self.cfg.max_samples_per_source) for i, p in enumerate(self.cfg.paths)]
             self._builder = self.builder_factory()
         source = self._sources[source_id]
         key = ""
@@ -230,7 +239,7 @@ class Stage1Loader:
         self.cfg, self.builder_factory = cfg, builder_factory
         if cfg.sample_order not in SAMPLE_ORDERS:
             raise UserError(f"data.sample_order={cfg.sample_order!r}: expected one of {', '.join(SAMPLE_ORDERS)}")
-        self.sources = [Source(p, i, cfg.seed, cfg.max_member_bytes, cfg.sample_order)
+        self.sources = [Source(p, i, cfg.seed, cfg.max_member_bytes, cfg.sample_order, cfg.max_samples_per_source)
                         for i, p in enumerate(cfg.paths)]
         weights = cfg.weights or [s.total for s in self.sources]
         if len(weights) != len(self.sources):

@@ -53,7 +53,8 @@ def sources(tmp_path_factory, real_images):
 def loader(paths, **kw):
     cfg = LoaderConfig(paths=list(paths), seed=kw.pop("seed", 5), pack_length=kw.pop("pack_length", 600),
                        pad_to_multiple=16, num_workers=kw.pop("num_workers", 0), weights=kw.pop("weights", None),
-                       max_bad_sample_fraction=kw.pop("max_bad_sample_fraction", 0.01))
+                       max_bad_sample_fraction=kw.pop("max_bad_sample_fraction", 0.01),
+                       max_samples_per_source=kw.pop("max_samples_per_source", 0))
     return Stage1Loader(cfg, FACTORY, pad_id=151643, image_token_id=151655, **kw)
 
 
@@ -171,3 +172,17 @@ def test_builder_factory_resolves_the_image_pipeline_in_the_calling_process(monk
     assert factory().pipeline == factory.args[1].image_pipeline  # what a worker builds: no probing
     with pytest.raises(AssertionError, match="probed CUDA"):
         stage1_builder(None, auto)  # unresolved, the builder itself would probe
+
+
+def test_max_samples_per_source_uses_the_first_samples_and_sets_the_blend(sources):
+    """Source a holds 30 documents in shards of 8: a cap of 12 keeps shard 0 and 4 of shard 1, every epoch;
+    the default blend weights follow the capped sizes (12 : 10)."""
+    import collections
+
+    ld = loader(sources, max_samples_per_source=12)
+    a, b = ld.sources
+    assert (a.total, b.total) == (12, 10) and a.counts == [8, 4]
+    seen = collections.Counter(a.locate(j) for j in range(36))  # three epochs
+    assert set(seen) == {(os.path.join(sources[0], a.names[0]), k) for k in range(8)} | \
+        {(os.path.join(sources[0], a.names[1]), k) for k in range(4)} and set(seen.values()) == {3}
+    assert np.allclose(np.diff(ld.plan.cdf, prepend=0), [12 / 22, 10 / 22])
