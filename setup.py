@@ -30,7 +30,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
         # scikit-image ships real test images; DALI's CPU operators test the GPU decode pipeline's graph;
         # cairosvg draws the SVG stamps of the Tux Paint evaluation set
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow", "cairosvg"],
+        # pytrec-eval-terrier: trec_eval's own code, the reference the retrieval metrics are tested against
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow", "cairosvg",
+                "pytrec-eval-terrier"],
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

@@ -1,44 +1,65 @@
 """Retrieval metrics over a query x document score matrix and graded relevance judgements (qrels),
-as BEIR / pytrec_eval define them: nDCG@k (log2 discount, graded gains), Recall@k, MRR@k."""
+exactly as trec_eval / pytrec_eval compute them and BEIR averages them (tested against pytrec_eval):
+
+  * ranking: score, descending; equal scores by document id, descending (trec_eval's tie order);
+  * nDCG@k: gain = the grade where it is positive (negative grades count 0), log2 discount, the ideal
+    DCG from the positive grades cut at k;
+  * Recall@k: relevant (grade >= 1, trec_eval's relevance level) documents in the top k over ALL the
+    query's relevant documents (a query with 3 relevant, one ranked first, has recall@1 = 1/3);
+  * MRR@k: 1 / rank of the first relevant document within the top k (BEIR's MRR@k);
+  * the mean runs over every query that has judgements, those judged only 0 (or negative) included
+    with 0, as BEIR averages pytrec_eval's per-query results; queries without judgements are left out.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
+
+RELEVANCE_LEVEL = 1.0  # trec_eval's default: grades >= 1 are relevant for recall and MRR
 
 
 def ndcg_at_k(ranked: Sequence[str], relevant: Dict[str, float], k: int) -> float:
-    dcg = sum(relevant.get(doc, 0.0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
+    dcg = sum(max(relevant.get(doc, 0.0), 0.0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
     ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg else 0.0
 
 
 def recall_at_k(ranked: Sequence[str], relevant: Dict[str, float], k: int) -> float:
-    wanted = {doc for doc, g in relevant.items() if g > 0}
+    wanted = {doc for doc, g in relevant.items() if g >= RELEVANCE_LEVEL}
     return len(wanted.intersection(ranked[:k])) / len(wanted) if wanted else 0.0
 
 
 def mrr_at_k(ranked: Sequence[str], relevant: Dict[str, float], k: int) -> float:
     for i, doc in enumerate(ranked[:k]):
-        if relevant.get(doc, 0.0) > 0:
+        if relevant.get(doc, 0.0) >= RELEVANCE_LEVEL:
             return 1.0 / (i + 1)
     return 0.0
 
 
+def rankings(scores: torch.Tensor, doc_ids: List[str], depth: int) -> List[List[int]]:
+    """Each query's top `depth` document indices in trec_eval's order (score descending, then document
+    id descending)."""
+    by_id = np.empty(len(doc_ids), dtype=np.int64)
+    by_id[np.argsort(np.array(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
+    values = scores.detach().double().cpu().numpy()
+    return [np.lexsort((-by_id, -row))[:depth].tolist() for row in values]
+
+
 def retrieval_metrics(scores: torch.Tensor, query_ids: List[str], doc_ids: List[str],
                       qrels: Dict[str, Dict[str, float]], ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Mean metrics over the queries that have a positive judgement; scores [n_queries, n_docs]."""
-    top = min(max(ks), len(doc_ids))
-    order = scores.topk(top, dim=1).indices.tolist()
+    """Mean metrics over the queries that have judgements; scores [n_queries, n_docs]."""
+    order = rankings(scores, doc_ids, min(max(ks), len(doc_ids)))
     totals: Dict[str, float] = {}
     judged = 0
     for qi, qid in enumerate(query_ids):
-        relevant = qrels.get(qid, {})
-        if not any(g > 0 for g in relevant.values()):
+        if qid not in qrels or not qrels[qid]:
             continue
+        relevant = qrels[qid]
         judged += 1
         ranked = [doc_ids[d] for d in order[qi]]
         for k in ks:

@@ -86,3 +86,24 @@ def test_eval_refuses_what_it_cannot_do(tiny_hf_dir, tmp_path):
     assert proc.returncode == 2 and "no MMEB subset folders" in proc.stderr
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", str(tmp_path))
     assert proc.returncode == 2 and "corpus.jsonl does not exist" in proc.stderr
+
+
+def test_eval_prints_the_exact_metrics_of_a_known_ranking(tiny_hf_dir, tmp_path):
+    """Whatever the (random) model: d1 and d2 have q1's very text, so they tie at the top (cosine 1) and
+    trec_eval's tie order puts d2 (the larger id) first, d1 second; the corpus has 4 documents, all in
+    the top 5. q1 judges d1 (grade 2) and d4; q2 is judged only 0 and counts with 0."""
+    from megatron_moca.eval.beir import write_beir
+
+    data = str(tmp_path / "set")
+    write_beir(data, [{"_id": "d1", "text": "alpha beta gamma"}, {"_id": "d2", "text": "alpha beta gamma"},
+                      {"_id": "d3", "text": "a completely different sentence"},
+                      {"_id": "d4", "text": "numbers 7 8 9 and more"}],
+               [{"_id": "q1", "text": "alpha beta gamma"}, {"_id": "q2", "text": "zeta"}],
+               ["q1\td1\t2", "q1\td4\t1", "q2\td3\t0"])
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", data, "--max-length", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["queries"] == 2 and m["documents"] == 4
+    assert (m["recall@1"], m["ndcg@1"], m["mrr@1"]) == (0.0, 0.0, 0.0)  # d2 first: not judged relevant
+    assert m["mrr@5"] == 0.25 and m["mrr@10"] == 0.25  # q1: d1 at rank 2 -> 1/2; q2: 0
+    assert m["recall@5"] == 0.5 and m["recall@10"] == 0.5  # q1 finds both; q2 has nothing relevant

@@ -76,3 +76,63 @@ def test_vidore_style_parquet_with_image_bytes(tmp_path):
     data = read_beir(str(tmp_path))
     assert data.corpus[0].id == "7" and data.corpus[0].image == page["bytes"]
     assert data.queries[0].text == "red page" and data.qrels == {"3": {"7": 1.0}}
+
+
+def test_cut_offs_pinned_by_hand():
+    """3 relevant documents, one ranked first: recall@1 = 1/3 (not 1/min(3, k)), nDCG@1 = 1 (the ideal DCG
+    is cut at k too); a query judged only 0 counts, with 0; one without judgements does not."""
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.2], [0.9, 0.1, 0.5, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    qrels = {"q0": {"a": 1, "d": 1, "e": 1}, "q1": {"a": 0, "b": 0}}  # q2: no judgements
+    out = retrieval_metrics(scores, ["q0", "q1", "q2"], ["a", "b", "c", "d", "e"], qrels, ks=(1, 5))
+    assert out["queries"] == 2
+    assert out["recall@1"] == pytest.approx((1 / 3 + 0) / 2) and out["ndcg@1"] == pytest.approx((1.0 + 0) / 2)
+    assert out["recall@5"] == pytest.approx((1 + 0) / 2) and out["mrr@1"] == pytest.approx(0.5)
+
+
+def test_ties_rank_by_document_id_descending_as_trec_eval():
+    scores = torch.tensor([[0.5, 0.5, 0.5]])
+    out = retrieval_metrics(scores, ["q"], ["a", "b", "c"], {"q": {"a": 1}}, ks=(1, 3))
+    assert out["mrr@3"] == pytest.approx(1 / 3) and out["recall@1"] == 0.0  # c, b, a
+
+
+def _pytrec_means(scores, query_ids, doc_ids, qrels, k):
+    """pytrec_eval's per-query ndcg_cut_k / recall_k and recip_rank over the top k, averaged as BEIR does."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    run = {q: {d: float(scores[i, j]) for j, d in enumerate(doc_ids)} for i, q in enumerate(query_ids)}
+    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
+                                               {f"ndcg_cut.{k}", f"recall.{k}"})
+    full = evaluator.evaluate(run)
+    from megatron_moca.eval.metrics import rankings
+
+    order = rankings(scores, doc_ids, k)
+    top = {q: {doc_ids[d]: float(scores[i, d]) for d in order[i]} for i, q in enumerate(query_ids)}
+    rr = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
+                                        {"recip_rank"}).evaluate(top)
+    n = len(full)
+    return {f"ndcg@{k}": sum(v[f"ndcg_cut_{k}"] for v in full.values()) / n,
+            f"recall@{k}": sum(v[f"recall_{k}"] for v in full.values()) / n,
+            f"mrr@{k}": sum(v["recip_rank"] for v in rr.values()) / n, "queries": n}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_equal_pytrec_eval_on_ties_zero_judged_and_graded_qrels(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_d = 30, 40
+    doc_ids = [f"doc{j:02d}" for j in torch.randperm(n_d, generator=g).tolist()]
+    query_ids = [f"q{i}" for i in range(n_q)]
+    scores = torch.randint(0, 6, (n_q, n_d), generator=g).float() / 5  # few values: many ties
+    qrels = {}
+    for i, q in enumerate(query_ids):
+        if i % 7 == 3:
+            continue  # no judgements: not evaluated
+        judged = torch.randperm(n_d, generator=g)[:int(torch.randint(1, 8, (1,), generator=g))].tolist()
+        grades = torch.randint(-1, 4, (len(judged),), generator=g).tolist()  # -1, 0 (judged only 0 too), 1..3
+        if i % 5 == 0:
+            grades = [0] * len(grades)
+        qrels[q] = {doc_ids[j]: float(x) for j, x in zip(judged, grades)}
+    for k in (1, 5, 10):
+        ours = retrieval_metrics(scores, query_ids, doc_ids, qrels, ks=(k,))
+        theirs = _pytrec_means(scores, query_ids, doc_ids, qrels, k)
+        assert ours["queries"] == theirs["queries"]
+        for key in (f"ndcg@{k}", f"recall@{k}", f"mrr@{k}"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (k, key, ours[key], theirs[key])
