@@ -132,12 +132,24 @@ def _training_logging() -> int:
     return rank
 
 
+def _print_config(cfg) -> int:
+    import yaml
+
+    from megatron_moca.config.loading import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 def _cmd_pretrain(args) -> int:
     from megatron_moca.config.pretrain import load_pretrain_config
     from megatron_moca.training.pretrain import pretrain
 
+    cfg = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
     rank = _training_logging()
-    record = pretrain(load_pretrain_config(args.config, args.overrides))
+    record = pretrain(cfg)
     if rank == 0 and record:
         print(json.dumps({k: record[k] for k in ("step", "loss", "mlm_loss", "mae_loss")}))
     return 0
@@ -147,8 +159,11 @@ def _cmd_finetune(args) -> int:
     from megatron_moca.config.finetune import load_finetune_config
     from megatron_moca.training.finetune import finetune
 
+    cfg = load_finetune_config(args.config, args.overrides)
+    if args.print_config:
+        return _print_config(cfg)
     rank = _training_logging()
-    record = finetune(load_finetune_config(args.config, args.overrides))
+    record = finetune(cfg)
     if rank == 0 and record:
         print(json.dumps({k: record[k] for k in ("step", "loss", "accuracy")}))
     return 0
@@ -212,8 +227,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; a training command's --help also lists every config key with its default and
+    docstring (built only when help is shown: it imports the config classes, and with them torch)."""
+
+    config_keys = None  # "pretrain" / "finetune" on those commands' parsers
+
+    def format_help(self) -> str:
+        if self.config_keys and self.epilog is None:
+            from megatron_moca.config.describe import describe
+            from megatron_moca.config.finetune import FinetuneConfig
+            from megatron_moca.config.pretrain import PretrainConfig
+
+            preset = ("  model.preset = None\n      tiny | qwen25vl_3b | qwen25vl_7b: the model section's defaults "
+                      "(other model.* keys override them)\n")
+            self.epilog = ("config keys (YAML sections, or dotted key=value overrides), with their defaults:\n"
+                           + (preset + describe(PretrainConfig) if self.config_keys == "pretrain"
+                              else describe(FinetuneConfig)))
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
+    parser = _Parser(prog="moca", description="MoCa bidirectional multimodal embeddings on "
                                                               "Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -248,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb files are downloaded and unpacked")
     demo.add_argument("--max-per-source", type=int, default=0, help="cap documents per source (0 = all)")
-    demo.add_argument("--workers", type=int, default=0)
+    demo.add_argument("--workers", type=int, default=0, help="validation processes (default: all cores)")
     demo.set_defaults(func=_cmd_data_demo)
 
     evalset = dsub.add_parser("evalset", help="a held-out evaluation set from pinned packages (BEIR layout)")
@@ -262,19 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     standin = dsub.add_parser("standin", help="an offline text->image retrieval set (BEIR layout) from shards")
     standin.add_argument("--input", required=True, help="shard folder (manifest.json)")
     standin.add_argument("--output", required=True, help="new or empty directory")
-    standin.add_argument("--max-queries", type=int, default=200)
+    standin.add_argument("--max-queries", type=int, default=200, help="queries (documents with an image) in the set")
     standin.add_argument("--train-pairs", type=int, default=0,
                          help="also write this many stage-2 pairs of other documents (MMEB-train layout) to OUTPUT/train")
     standin.set_defaults(func=_cmd_data_standin)
 
     ev = sub.add_parser("eval", help="evaluate an HF folder's embeddings; last line: one JSON object of metrics")
     ev.add_argument("--model", required=True, help="HF Qwen2.5-VL folder (e.g. a moca convert mcore-to-hf export)")
-    ev.add_argument("--task", required=True, choices=("retrieval", "mmeb", "vidore"))
+    ev.add_argument("--task", required=True, choices=("retrieval", "mmeb", "vidore"),
+                    help="retrieval / vidore: a BEIR folder, nDCG / recall / MRR; mmeb: MMEB-eval, hit@1 per subset")
     ev.add_argument("--data", required=True, help="retrieval/vidore: BEIR folder (corpus, queries, qrels); "
                                                   "mmeb: TIGER-Lab/MMEB-eval folder (subset tables + eval_images/)")
     ev.add_argument("--limit", type=int, default=0, help="mmeb: rows per subset (0 = all)")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--split", default="test", help="the qrels split (qrels/SPLIT.tsv)")
+    ev.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     ev.add_argument("--max-length", type=int, default=1280, help="tokens per input")
     ev.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="smallest resized image area (MoCa: 256 tokens)")
     ev.add_argument("--max-pixels", type=int, default=1024 * 28 * 28, help="largest resized image area (1024 tokens)")
@@ -285,9 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
              "train.train_iters=100 optim.lr=1e-5 data.paths=/shards/a,/shards/b"),
             ("finetune", _cmd_finetune, "MoCa stage 2 (contrastive, InfoNCE + hard negatives) on an HF folder",
              "model.path=/models/stage1_hf data.paths=/data/MMEB-train")):
-        stage = sub.add_parser(name, help=f"{what}; torchrun for >1 process")
+        stage = sub.add_parser(name, help=f"{what}; torchrun for >1 process",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        stage.config_keys = name
         stage.add_argument("--config", default=None,
                            help=f"YAML recipe (examples/{name}_*.yaml); default: built-in defaults")
+        stage.add_argument("--print-config", action="store_true",
+                           help="print the resolved config (recipe + overrides + defaults) as YAML and exit")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
         stage.set_defaults(func=func)
 
@@ -303,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--output", required=True, help="new or empty directory")
     h2m.add_argument("--tp", type=int, default=1, help="tensor parallel size the checkpoint is meant for")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline parallel size the checkpoint is meant for")
-    h2m.add_argument("--attention", choices=("bidirectional", "causal"), default="bidirectional")
+    h2m.add_argument("--attention", choices=("bidirectional", "causal"), default="bidirectional",
+                     help="the attention the checkpoint's model config records (stage 1 trains bidirectional)")
     h2m.set_defaults(func=_cmd_hf_to_mcore)
     m2h = csub.add_parser("mcore-to-hf", help="megatron_moca dist checkpoint -> HF folder")
     m2h.add_argument("--checkpoint", required=True, help="run directory or iter_ folder")
@@ -312,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard")
     m2h.set_defaults(func=_cmd_mcore_to_hf)
     ver = csub.add_parser("verify", help="compare the HF and Megatron models on a fixed batch")
-    ver.add_argument("--hf", required=True)
-    ver.add_argument("--checkpoint", required=True)
+    ver.add_argument("--hf", required=True, help="HF folder to compare against")
+    ver.add_argument("--checkpoint", required=True, help="megatron_moca checkpoint (run directory or iter_ folder)")
     ver.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted logits difference")
-    ver.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ver.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="the dtype both models run the fixed batch in")
     ver.set_defaults(func=_cmd_verify)
     return parser
 

@@ -116,11 +116,17 @@ class TokenIds:
     """Special token ids of the Qwen2.5-VL vocabulary (and MoCa's <|mask|>)."""
 
     image_token_id: int = 151655
+    """<|image_pad|>: one per merged image patch."""
     video_token_id: int = 151656
+    """<|video_pad|> (videos are not trained here)."""
     vision_start_token_id: int = 151652
+    """<|vision_start|>, before each image's pads."""
     vision_end_token_id: int = 151653
+    """<|vision_end|>, after them."""
     mask_token_id: int = 151665
+    """<|mask|>: MoCa's MLM mask token (the first id after Qwen2.5-VL's added tokens)."""
     pad_token_id: int = 151643
+    """<|endoftext|>, used as padding."""
 
 
 @dataclass

@@ -72,8 +72,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay."""
     adam_beta2: float = 0.999
+    """AdamW's second-moment decay."""
     adam_eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     clip_grad: float = 5.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     lr_warmup_iters: Optional[int] = None

@@ -40,8 +40,11 @@ class ImageProcessingConfig:
     max_pixels: int = 1024 * 28 * 28
     """Largest resized area in pixels."""
     patch_size: int = 14
+    """ViT patch side in pixels."""
     temporal_patch_size: int = 2
+    """Frames per patch (a still image is repeated)."""
     merge_size: int = 2
+    """Patches merged per side into one LLM token."""
     max_decode_pixels: int = 64 * 2**20
     """Refuse images whose header claims more pixels than this (decompression bombs)."""
 
