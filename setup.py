@@ -25,6 +25,7 @@ setup(
         "tokenizers",
         "pypdfium2",  # renders the demo corpus's PDF manual pages (no poppler needed)
         "psutil",  # megatron dist-checkpoint save needs it but does not declare it (hangs without)
+        "matplotlib",  # moca plot
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],

@@ -176,6 +176,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    from megatron_moca.training.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.output)}")
+    return 0
+
+
 def _cmd_data_evalset(args) -> int:
     if args.name == "tuxpaint":
         from megatron_moca.eval.tuxpaint import build_tuxpaint as build
@@ -330,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the resolved config (recipe + overrides + defaults) as YAML and exit")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
         stage.set_defaults(func=func)
+
+    plot = sub.add_parser("plot", help="draw runs' curves (losses, lr, throughput against steps) from metrics.jsonl")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="moca pretrain / finetune run directories")
+    plot.add_argument("--output", required=True, help="PNG file to write")
+    plot.set_defaults(func=_cmd_plot)
 
     demo_run = sub.add_parser("demo", help="the pipeline on the embedded default: demo data -> stage 1 -> HF export -> "
                                            "verify -> retrieval eval -> stage 2 -> eval (rerun to continue)")
