@@ -226,11 +226,20 @@ def _cmd_eval(args) -> int:
         prompts = dataset_prompts(args.data, TASK_PROMPTS[args.task])
     embedder = MocaEmbedder(args.model, max_length=args.max_length,
                             image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+    per_query = run = None
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
     else:
-        metrics = evaluate_retrieval(embedder, data, prompts, batch_size=args.batch_size, log=log)
-    print(json.dumps({"task": args.task, **metrics}))
+        result = evaluate_retrieval(embedder, data, prompts, batch_size=args.batch_size, log=log)
+        metrics, per_query, run = result.metrics, result.per_query, result.run
+    metrics = {"task": args.task, **metrics}
+    if args.output:
+        from megatron_moca.eval.outputs import write_outputs
+
+        title = f"moca eval --task {args.task}: {args.model} on {args.data}"
+        tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(os.path.normpath(args.model)))
+        log(f"wrote {write_outputs(args.output, metrics, title, per_query, run, tag=tag or 'moca')}")
+    print(json.dumps(metrics))
     return 0
 
 
@@ -317,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "mmeb: TIGER-Lab/MMEB-eval folder (subset tables + eval_images/)")
     ev.add_argument("--limit", type=int, default=0, help="mmeb: rows per subset (0 = all)")
     ev.add_argument("--split", default="test", help="the qrels split (qrels/SPLIT.tsv)")
+    ev.add_argument("--output", default=None, help="also write results.json, per_query.jsonl, run.trec (top 100 per "
+                                                    "query, TREC format) and results.md into this folder")
     ev.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
     ev.add_argument("--max-length", type=int, default=1280, help="tokens per input")
     ev.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="smallest resized image area (MoCa: 256 tokens)")

@@ -50,22 +50,32 @@ def rankings(scores: torch.Tensor, doc_ids: List[str], depth: int) -> List[List[
     return [np.lexsort((-by_id, -row))[:depth].tolist() for row in values]
 
 
-def retrieval_metrics(scores: torch.Tensor, query_ids: List[str], doc_ids: List[str],
-                      qrels: Dict[str, Dict[str, float]], ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Mean metrics over the queries that have judgements; scores [n_queries, n_docs]."""
-    order = rankings(scores, doc_ids, min(max(ks), len(doc_ids)))
-    totals: Dict[str, float] = {}
-    judged = 0
+def per_query_metrics(scores: torch.Tensor, query_ids: List[str], doc_ids: List[str],
+                      qrels: Dict[str, Dict[str, float]], ks: Sequence[int] = (1, 5, 10),
+                      order: List[List[int]] = None) -> Dict[str, Dict[str, float]]:
+    """query id -> its metrics, for every query that has judgements (see the module docstring)."""
+    order = order if order is not None else rankings(scores, doc_ids, min(max(ks), len(doc_ids)))
+    out: Dict[str, Dict[str, float]] = {}
     for qi, qid in enumerate(query_ids):
         if qid not in qrels or not qrels[qid]:
             continue
         relevant = qrels[qid]
-        judged += 1
         ranked = [doc_ids[d] for d in order[qi]]
-        for k in ks:
-            for name, fn in (("ndcg", ndcg_at_k), ("recall", recall_at_k), ("mrr", mrr_at_k)):
-                totals[f"{name}@{k}"] = totals.get(f"{name}@{k}", 0.0) + fn(ranked, relevant, k)
-    out = {key: value / judged for key, value in sorted(totals.items())} if judged else {}
-    out["queries"] = judged
-    out["documents"] = len(doc_ids)
+        out[qid] = {f"{name}@{k}": fn(ranked, relevant, k) for k in ks
+                    for name, fn in (("ndcg", ndcg_at_k), ("recall", recall_at_k), ("mrr", mrr_at_k))}
     return out
+
+
+def mean_metrics(per_query: Dict[str, Dict[str, float]], documents: int) -> Dict[str, float]:
+    """BEIR's average over the evaluated queries, plus their count and the corpus size."""
+    keys = sorted({k for m in per_query.values() for k in m})
+    out = {k: sum(m[k] for m in per_query.values()) / len(per_query) for k in keys} if per_query else {}
+    out["queries"] = len(per_query)
+    out["documents"] = documents
+    return out
+
+
+def retrieval_metrics(scores: torch.Tensor, query_ids: List[str], doc_ids: List[str],
+                      qrels: Dict[str, Dict[str, float]], ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Mean metrics over the queries that have judgements; scores [n_queries, n_docs]."""
+    return mean_metrics(per_query_metrics(scores, query_ids, doc_ids, qrels, ks), len(doc_ids))

@@ -7,11 +7,11 @@ where an entry's image goes), scored by cosine similarity, and ranked over the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
 from megatron_moca.embed.inputs import embedder_input
 from megatron_moca.eval.beir import BeirData, Entry
-from megatron_moca.eval.metrics import retrieval_metrics
+from megatron_moca.eval.metrics import mean_metrics, per_query_metrics, rankings
 
 
 @dataclass
@@ -71,8 +71,20 @@ def _item(entry: Entry, template: str):
     return embedder_input(template.format(text=entry.text), entry.image, "<img>")
 
 
+@dataclass
+class RetrievalResult:
+    metrics: Dict[str, float]
+    """BEIR's means (the line `moca eval` prints)."""
+    per_query: Dict[str, Dict[str, float]]
+    """Each evaluated query's metrics."""
+    run: List[tuple]
+    """(query id, [(document id, score), ...]) in trec_eval's rank order, the top RUN_DEPTH."""
+
+
 def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), batch_size: int = 8,
-                       log=None) -> Dict[str, float]:
+                       log=None) -> RetrievalResult:
+    from megatron_moca.eval.outputs import RUN_DEPTH
+
     queries = [_item(q, prompts.query) for q in data.queries]
     documents = [_item(d, prompts.image_document if d.image else prompts.document) for d in data.corpus]
     if log:
@@ -80,4 +92,8 @@ def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), b
     q = embedder.embed(queries, batch_size=batch_size)
     d = embedder.embed(documents, batch_size=batch_size)
     scores = q @ d.T
-    return retrieval_metrics(scores, [e.id for e in data.queries], [e.id for e in data.corpus], data.qrels)
+    query_ids, doc_ids = [e.id for e in data.queries], [e.id for e in data.corpus]
+    order = rankings(scores, doc_ids, min(max(RUN_DEPTH, 10), len(doc_ids)))
+    per_query = per_query_metrics(scores, query_ids, doc_ids, data.qrels, order=order)
+    run = [(qid, [(doc_ids[j], float(scores[i, j])) for j in order[i]]) for i, qid in enumerate(query_ids)]
+    return RetrievalResult(mean_metrics(per_query, len(doc_ids)), per_query, run)

@@ -100,9 +100,27 @@ def test_eval_prints_the_exact_metrics_of_a_known_ranking(tiny_hf_dir, tmp_path)
                       {"_id": "d4", "text": "numbers 7 8 9 and more"}],
                [{"_id": "q1", "text": "alpha beta gamma"}, {"_id": "q2", "text": "zeta"}],
                ["q1\td1\t2", "q1\td4\t1", "q2\td3\t0"])
-    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", data, "--max-length", "64")
+    out = tmp_path / "results"
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", data, "--max-length", "64",
+                    "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "results.json").read_text()) == m
+    per_query = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    assert [q["query_id"] for q in per_query] == ["q1", "q2"] and per_query[0]["mrr@5"] == 0.5
+    run = [line.split() for line in (out / "run.trec").read_text().splitlines()]
+    assert [r[:4] for r in run[:2]] == [["q1", "Q0", "d2", "1"], ["q1", "Q0", "d1", "2"]] and len(run) == 8
+    assert all(r[5] == "tiny" and float(r[4]) <= float(p[4]) for p, r in zip(run, run[1:]) if p[0] == r[0])
+    import pytrec_eval  # trec_eval reads the run file and agrees with the printed metrics
+
+    trec = {}
+    for qid, _, doc, _, score, _ in run:
+        trec.setdefault(qid, {})[doc] = float(score)
+    theirs = pytrec_eval.RelevanceEvaluator({"q1": {"d1": 2, "d4": 1}, "q2": {"d3": 0}},
+                                            {"recall.5", "ndcg_cut.10"}).evaluate(trec)
+    assert sum(v["recall_5"] for v in theirs.values()) / 2 == m["recall@5"]
+    assert abs(sum(v["ndcg_cut_10"] for v in theirs.values()) / 2 - m["ndcg@10"]) < 1e-12
+    assert "| recall@5 | 0.5000 |" in (out / "results.md").read_text()
     assert m["queries"] == 2 and m["documents"] == 4
     assert (m["recall@1"], m["ndcg@1"], m["mrr@1"]) == (0.0, 0.0, 0.0)  # d2 first: not judged relevant
     assert m["mrr@5"] == 0.25 and m["mrr@10"] == 0.25  # q1: d1 at rank 2 -> 1/2; q2: 0
