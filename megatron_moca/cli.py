@@ -48,7 +48,7 @@ def _cmd_mcore_to_hf(args) -> int:
     out = mcore_to_hf(args.checkpoint, args.output, hf_base=args.hf_base,
                       max_shard_bytes=int(args.max_shard_gib * 2**30))
     copied = ", ".join(out["copied"]) or "none"
-    print(f"wrote {out['output']}: {out['shards']} safetensors shard(s), side files copied: {copied}, "
+    print(f"wrote {out['output']}: {out['shards']} safetensors shard(s), side files: {copied}, "
           f"in {out['seconds']} s")
     return 0
 
@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     m2h = csub.add_parser("mcore-to-hf", help="megatron_moca dist checkpoint -> HF folder")
     m2h.add_argument("--checkpoint", required=True, help="run directory or iter_ folder")
     m2h.add_argument("--output", required=True, help="new or empty directory")
-    m2h.add_argument("--hf-base", default=None, help="HF folder whose tokenizer/processor files are copied")
+    m2h.add_argument("--hf-base", default=None, help="HF folder whose tokenizer/processor files are copied "
+                                                    "(without one: the bundled Qwen2.5-VL tokenizer is written)")
     m2h.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors shard")
     m2h.set_defaults(func=_cmd_mcore_to_hf)
     ver = csub.add_parser("verify", help="compare the HF and Megatron models on a fixed batch")

@@ -99,5 +99,5 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
         files = write_sharded(model_to_hf(model, cfg), staging, max_shard_bytes)
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config_from_model(cfg, cfg.params_dtype), f, indent=2)
-        copied = copy_side_files(hf_base, staging) if hf_base else []
+        copied = copy_side_files(hf_base, staging)
     return {"output": output, "seconds": round(time.time() - t0, 2), "shards": len(files), "copied": copied}

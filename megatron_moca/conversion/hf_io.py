@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -215,12 +215,18 @@ def write_sharded(tensors: Iterable[Tuple[str, torch.Tensor]], folder: str, max_
     return files
 
 
-def copy_side_files(src: str, dst: str) -> List[str]:
-    """Copy tokenizer / processor / generation files that exist in src."""
+def copy_side_files(src: Optional[str], dst: str) -> List[str]:
+    """Copy the tokenizer / processor / generation files that exist in src (None: none), then write the
+    bundled Qwen2.5-VL tokenizer where src had no tokenizer.json, so that every HF folder we write loads
+    in `transformers.AutoTokenizer` (an empty tokenizer otherwise comes back silently)."""
     copied = []
-    for name in SIDE_FILES:
+    for name in SIDE_FILES if src else ():
         path = os.path.join(src, name)
         if os.path.isfile(path):
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
+    if "tokenizer.json" not in copied:
+        from megatron_moca.data.tokenizer import write_hf_tokenizer
+
+        copied += [name for name in write_hf_tokenizer(dst) if name not in copied]
     return copied

@@ -156,3 +156,28 @@ def test_convert_commands_hide_the_gpus(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_verify", fake_verify)
     assert cli.main(["convert", "verify", "--hf", "x", "--checkpoint", "y"]) == 0
     assert seen == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_a_random_init_export_carries_a_tokenizer_that_autotokenizer_loads(tmp_path):
+    """An export of a run that started from random weights has no base folder to copy a tokenizer from:
+    the bundled Qwen2.5-VL vocabulary is written, and transformers' AutoTokenizer encodes real text to the
+    ids of the project's tokenizer (an empty tokenizer would come back silently otherwise)."""
+    from transformers import AutoTokenizer
+
+    from helpers import REPO, write_stage1_shards
+    from megatron_moca.data.tokenizer import MASK_TOKEN_ID, QwenTokenizer
+
+    shards = write_stage1_shards(tmp_path / "shards", documents=4)
+    run = str(tmp_path / "run")
+    proc = run_moca("pretrain", "--config", os.path.join(REPO, "examples", "pretrain_tiny_cpu.yaml"),
+                    f"data.paths={shards}", f"checkpoint.save={run}", "train.train_iters=1", "optim.lr_warmup_iters=0",
+                    "sample.max_length=100", "data.pack_length=128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = str(tmp_path / "hf")
+    proc = run_moca("convert", "mcore-to-hf", "--checkpoint", run, "--output", out)
+    assert proc.returncode == 0 and "side files: tokenizer.json, tokenizer_config.json" in proc.stdout, proc.stderr
+    hf = AutoTokenizer.from_pretrained(out)
+    ours = QwenTokenizer()
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()[:4000] + " café 東京 🤖 <|mask|>"
+    assert hf.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert hf.mask_token_id == MASK_TOKEN_ID and hf.pad_token_id == ours.pad_id and hf.chat_template
