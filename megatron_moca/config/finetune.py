@@ -78,7 +78,8 @@ class FinetuneCheckpointConfig:
     save_interval: int = 500
     """Save every this many iterations (and at the end)."""
     release_dtype: Optional[str] = None
-    """dtype of the final release/ folder (default: the starting model's torch_dtype)."""
+    """dtype of the final release/ folder (default: the starting model's, from its config's `dtype` or
+    `torch_dtype`)."""
 
 
 def _stage2_optim() -> OptimConfig:

@@ -39,6 +39,14 @@ def _identity(cfg: FinetuneConfig, data) -> Dict[str, object]:
             "data_seed": cfg.data.seed, "hard_negatives": cfg.objective.hard_negatives}
 
 
+def starting_dtype(config: dict) -> str:
+    """The dtype an HF config records: `dtype` (transformers 5) or `torch_dtype` (4), else bfloat16."""
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) in ("bfloat16", "float16", "float32"):
+            return config[key]
+    return "bfloat16"
+
+
 def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
     from megatron_moca.conversion.hf_io import load_transformers_model
 
@@ -258,7 +266,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                 break
         release_done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
         if iteration >= train_iters and (iteration > last_started or not release_done):
-            release_name = cfg.checkpoint.release_dtype or base_config.get("torch_dtype") or "bfloat16"
+            release_name = cfg.checkpoint.release_dtype or starting_dtype(base_config)
             folder = write_release(save, cfg.model.path, model, DTYPES[release_name])
             if rank0:
                 log.info("release: %s (%s)", folder, release_name)

@@ -82,3 +82,12 @@ def test_learning_rate_warms_up_then_decays_like_megatron():
     assert learning_rate(6, style="cosine", **args) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5))
     assert learning_rate(12, style="linear", **args) == pytest.approx(0.1)
     assert learning_rate(13, style="linear", **args) == 0.1 and learning_rate(13, style="constant", **args) == 1.0
+
+
+def test_the_release_dtype_defaults_to_the_starting_models_under_either_key():
+    from megatron_moca.training.finetune import starting_dtype
+
+    assert starting_dtype({"torch_dtype": "float16"}) == "float16"  # transformers 4
+    assert starting_dtype({"dtype": "float32"}) == "float32"  # transformers 5 (was: bfloat16)
+    assert starting_dtype({"dtype": "float32", "torch_dtype": "bfloat16"}) == "float32"
+    assert starting_dtype({}) == "bfloat16"
