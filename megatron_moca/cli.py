@@ -224,8 +224,12 @@ def _cmd_eval(args) -> int:
 
         data = read_beir(args.data, split=args.split)
         prompts = dataset_prompts(args.data, TASK_PROMPTS[args.task])
-    embedder = MocaEmbedder(args.model, max_length=args.max_length,
-                            image=ImageProcessingConfig(min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+    from megatron_moca.conversion.hf_io import read_embedding_settings
+
+    recorded = {**read_embedding_settings(args.model), **{k: v for k, v in (
+        ("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}}
+    bounds = {k: recorded[k] for k in ("min_pixels", "max_pixels") if k in recorded}
+    embedder = MocaEmbedder(args.model, max_length=args.max_length, image=ImageProcessingConfig(**bounds))
     per_query = run = None
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
@@ -329,9 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="also write results.json, per_query.jsonl, run.trec (top 100 per "
                                                     "query, TREC format) and results.md into this folder")
     ev.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
-    ev.add_argument("--max-length", type=int, default=1280, help="tokens per input")
-    ev.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="smallest resized image area (MoCa: 256 tokens)")
-    ev.add_argument("--max-pixels", type=int, default=1024 * 28 * 28, help="largest resized image area (1024 tokens)")
+    ev.add_argument("--max-length", type=int, default=None,
+                    help="tokens per input (default: the folder's moca_embedding.json, else 1280)")
+    ev.add_argument("--min-pixels", type=int, default=None,
+                    help="smallest resized image area (default: the folder's, else MoCa's 256 tokens)")
+    ev.add_argument("--max-pixels", type=int, default=None,
+                    help="largest resized image area (default: the folder's, else MoCa's 1024 tokens)")
     ev.set_defaults(func=_cmd_eval)
 
     for name, func, what, example in (

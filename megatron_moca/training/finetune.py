@@ -183,6 +183,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     plan = BatchPlan(data.subset_sizes(), cfg.train.global_batch_size, cfg.data.sampler, cfg.data.seed)
     train_iters = cfg.iterations(plan.steps_per_epoch)
     identity = _identity(cfg, data)
+    embedding = {"min_pixels": cfg.data.image.min_pixels, "max_pixels": cfg.data.image.max_pixels,
+                 "max_length": cfg.data.max_length}  # recorded in every HF folder the run writes
     save = cfg.checkpoint.save
     resumed_at = read_tracker(save)
 
@@ -256,7 +258,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                     metrics.write(record)
                     log.info(log_line(record, train_iters))
             if cadence.saves(iteration):
-                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity)
+                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity, embedding)
                 last_saved = iteration
                 if rank0:
                     log.info("saved iteration %d to %s", iteration, save)
@@ -267,7 +269,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
         release_done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
         if iteration >= train_iters and (iteration > last_started or not release_done):
             release_name = cfg.checkpoint.release_dtype or starting_dtype(base_config)
-            folder = write_release(save, cfg.model.path, model, DTYPES[release_name])
+            folder = write_release(save, cfg.model.path, model, DTYPES[release_name], embedding)
             if rank0:
                 log.info("release: %s (%s)", folder, release_name)
     finally:

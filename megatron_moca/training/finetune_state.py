@@ -54,11 +54,12 @@ def hf_tensors(model, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str
         yield normalize_hf_key(name), tensor.to(dtype) if dtype is not None else tensor
 
 
-def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype) -> None:
+def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype, embedding: Optional[dict] = None) -> None:
     """An HF folder of `model` in `dtype`: sharded safetensors + index, base's config.json with that
-    torch_dtype, base's tokenizer / processor files."""
+    torch_dtype, base's tokenizer / processor files, and `embedding` (min_pixels, max_pixels, max_length:
+    what the run trained with) recorded for clients (hf_io.write_embedding_settings)."""
     from megatron_moca.conversion.convert import DTYPE_NAMES
-    from megatron_moca.conversion.hf_io import copy_side_files, read_config, write_sharded
+    from megatron_moca.conversion.hf_io import copy_side_files, read_config, write_embedding_settings, write_sharded
 
     write_sharded(hf_tensors(model, dtype), folder)
     config = read_config(base)
@@ -68,9 +69,12 @@ def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype) -> None:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     copy_side_files(base, folder)
+    if embedding:
+        write_embedding_settings(folder, **embedding)
 
 
-def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, identity: Dict[str, object]) -> str:
+def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, identity: Dict[str, object],
+                    embedding: Optional[dict] = None) -> str:
     """Write iter_<iteration>/ (collective over the data-parallel ranks) and move the tracker to it."""
     rank = dist.get_rank()
     final = iteration_dir(save, iteration)
@@ -84,7 +88,7 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
     if sharded:
         torch.save(_local_optimizer(optimizer).state_dict(), _optimizer_file(staging, optimizer))
     if rank == 0:
-        write_hf_folder(model, base, staging, torch.float32)
+        write_hf_folder(model, base, staging, torch.float32, embedding)
         if not sharded:
             torch.save(optimizer.state_dict(), _optimizer_file(staging, optimizer))
         with open(os.path.join(staging, STATE_FILE), "w") as f:
@@ -125,14 +129,14 @@ def load_optimizer_and_rng(folder: str, optimizer) -> None:
     set_process_rng_state(load_weights_only(os.path.join(folder, f"rng_rank{dist.get_rank()}.pt")))
 
 
-def write_release(save: str, base: str, model, dtype: torch.dtype) -> str:
+def write_release(save: str, base: str, model, dtype: torch.dtype, embedding: Optional[dict] = None) -> str:
     """<save>/release/ (rank 0), replacing an older one only once the new one is complete."""
     folder = os.path.join(save, RELEASE)
     if dist.get_rank() == 0:
         staging = folder + ".partial"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        write_hf_folder(model, base, staging, dtype)
+        write_hf_folder(model, base, staging, dtype, embedding)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     dist.barrier()

@@ -67,6 +67,18 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
     release = os.path.join(save, "release")
     assert json.load(open(os.path.join(release, "config.json")))["torch_dtype"] == "float32"  # the start's dtype
     assert _training_loss(release, pairs) < _training_loss(tiny_hf_dir, pairs) - 0.1
+    # the release says how it was trained to embed: the run's image bounds replace the base's (200704..802816)
+    processor = json.load(open(os.path.join(release, "preprocessor_config.json")))
+    assert (processor["min_pixels"], processor["max_pixels"]) == (3136, 12544)
+    assert processor["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert json.load(open(os.path.join(release, "moca_embedding.json"))) == {
+        "attention": "bidirectional", "pooling": "mean", "normalize": True, "max_length": 128, "min_pixels": 3136,
+        "max_pixels": 12544}
+    from megatron_moca.embed.embedder import MocaEmbedder
+
+    embedder = MocaEmbedder(release, device="cpu")  # takes them by default
+    assert embedder.inputs.builder.cfg.max_length == 128
+    assert (embedder.inputs.builder.cfg.image.min_pixels, embedder.inputs.builder.cfg.image.max_pixels) == (3136, 12544)
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
