@@ -224,12 +224,15 @@ def _cmd_eval(args) -> int:
 
         data = read_beir(args.data, split=args.split)
         prompts = dataset_prompts(args.data, TASK_PROMPTS[args.task])
-    from megatron_moca.conversion.hf_io import read_embedding_settings
+    given = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
+    image = None  # the embedder takes the folder's bounds (else MoCa's); a given one replaces the folder's
+    if given:
+        from megatron_moca.conversion.hf_io import read_embedding_settings
 
-    recorded = {**read_embedding_settings(args.model), **{k: v for k, v in (
-        ("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}}
-    bounds = {k: recorded[k] for k in ("min_pixels", "max_pixels") if k in recorded}
-    embedder = MocaEmbedder(args.model, max_length=args.max_length, image=ImageProcessingConfig(**bounds))
+        recorded = read_embedding_settings(args.model)
+        image = ImageProcessingConfig(**{**{k: recorded[k] for k in ("min_pixels", "max_pixels") if k in recorded},
+                                         **given})
+    embedder = MocaEmbedder(args.model, max_length=args.max_length, image=image)
     per_query = run = None
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
