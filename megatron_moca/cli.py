@@ -56,7 +56,7 @@ def _cmd_mcore_to_hf(args) -> int:
 def _cmd_verify(args) -> int:
     import torch
 
-    from megatron_moca.conversion.verify import verify
+    from megatron_moca.conversion.verification import verify
 
     result = verify(args.hf, args.checkpoint, dtype=getattr(torch, args.dtype))
     for mode, diff in result.logits_diff.items():

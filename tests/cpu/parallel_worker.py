@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 
 def fixed_batch(cfg):
-    from megatron_moca.conversion.verify import fixed_batch as batch
+    from megatron_moca.conversion.verification import fixed_batch as batch
 
     ids, mask, pixels, grid = batch(cfg, seed=3)
     return ids, torch.where(mask.bool(), 0, -1), pixels, grid

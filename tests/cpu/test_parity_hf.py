@@ -9,7 +9,7 @@ import torch
 from helpers import build_batch, hf_model, ours_from_hf
 
 from megatron_moca.config.model import LanguageConfig, VisionConfig, preset
-from megatron_moca.conversion.verify import hf_logits, ours_logits
+from megatron_moca.conversion.verification import hf_logits, ours_logits
 
 
 def config(name):

@@ -21,7 +21,7 @@ def test_fp32_parity_on_gpu(megatron_runtime, mode, backend):
     from helpers import tiny_config
     from helpers import hf_model, ours_from_hf
 
-    from megatron_moca.conversion.verify import hf_logits, ours_logits
+    from megatron_moca.conversion.verification import hf_logits, ours_logits
 
     cfg = tiny_config()
     cfg.attention, cfg.attention_backend = mode, backend
