@@ -14,7 +14,6 @@ alternative: shards from your own data via `moca data prepare`.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import os
@@ -25,6 +24,7 @@ from html.parser import HTMLParser
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from megatron_moca.data.documents import Document
+from megatron_moca.data.files import file_sha256
 from megatron_moca.errors import UserError
 
 # (package, version, sha256 of the .deb as served by Debian bookworm)
@@ -38,14 +38,6 @@ TRAINING_PDFS = ("R-exts.pdf", "R-admin.pdf", "R-ints.pdf", "R-FAQ.pdf")  # not 
 SKIP_IMAGES = re.compile(r"(stylesheet-images|callouts|/(prev|next|up|home)\.png$|_static/|GitHub-Mark)")
 TEXT_TAGS = {"p", "h1", "h2", "h3", "h4", "li", "dt", "dd", "pre", "figcaption", "td", "th"}
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "megatron_moca", "debian")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_packages(cache: str, log=print, packages: Sequence[Tuple[str, str, str]] = PINNED,
@@ -75,7 +67,7 @@ def fetch_packages(cache: str, log=print, packages: Sequence[Tuple[str, str, str
                 raise UserError(f"apt-get download {package} failed: {proc.stderr.strip()[-300:]}; {alternative}")
             debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
         deb = os.path.join(cache, sorted(debs)[-1])
-        got = _sha256(deb)
+        got = file_sha256(deb)
         actual = deb.rsplit("_", 2)[-2].replace("%3a", ":")
         if got != sha:
             log(f"{os.path.basename(deb)}: sha256 {got[:16]}... differs from the pinned {version}; using it and "

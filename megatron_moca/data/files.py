@@ -7,6 +7,7 @@ A table from a stranger can name `/etc/shadow`, `../../secrets`, a FIFO that blo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from typing import Optional
@@ -49,6 +50,25 @@ def file_problem(path: str, max_bytes: int) -> Optional[str]:
     if max_bytes and info.st_size > max_bytes:
         return f"larger than the limit ({max_bytes} bytes)"
     return None
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked_image_path(root: str, name: str, where: str, what: str = "image") -> str:
+    """An evaluation set's image path: confined to root (confined_path) and a regular file within
+    MAX_IMAGE_BYTES, else a UserError naming `where` and the problem (an evaluation set must be whole)."""
+    path = confined_path(root, name, where)
+    problem = file_problem(path, MAX_IMAGE_BYTES)
+    if problem:
+        raise UserError(f"{where}: {what} {name} under {root}: {problem}")
+    return path
 
 
 def read_bounded(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

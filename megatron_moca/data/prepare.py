@@ -309,7 +309,8 @@ def merge(output: str) -> dict:
     counts = {n.rsplit("-of-", 1)[-1] for n in parts}
     if len(counts) != 1:
         raise UserError(f"{output}: partitions of different counts ({', '.join(sorted(counts))}); merge one job's")
-    expected = [f"part-{i:05d}-of-{int(next(iter(counts))):05d}" for i in range(int(next(iter(counts))))]
+    count = int(counts.pop())
+    expected = [f"part-{i:05d}-of-{count:05d}" for i in range(count)]
     missing = [n for n in expected if n not in parts or not os.path.isfile(os.path.join(output, n, MANIFEST))]
     if missing:
         raise UserError(f"{output}: partition {missing[0]} is missing or incomplete ({len(missing)} of {len(expected)}); "

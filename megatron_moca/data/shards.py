@@ -14,16 +14,16 @@ The reader never raises on bad content: it yields ReadError records (key, shard,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import struct
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
 from megatron_moca.data.documents import Document, DocumentError
+from megatron_moca.data.files import file_sha256
 
 FORMAT = "megatron_moca.interleaved.v1"
 MANIFEST = "manifest.json"
@@ -69,10 +69,10 @@ def read_manifest(folder: str, setting: str) -> List[dict]:
     try:
         with open(path) as f:
             shards = json.load(f)["shards"]
-        entries = [(str(s["name"]), int(s["samples"]), s.get("bytes")) for s in shards]
+        entries = [(str(s["name"]), int(s["samples"]), s.get("bytes"), s.get("sha256")) for s in shards]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{setting}: {path} is not a shard manifest ({type(e).__name__}: {e})") from None
-    for name, samples, size in entries:
+    for name, samples, size, _ in entries:
         parts = name.split("/")
         if not name or os.path.isabs(name) or any(not part or part.startswith(".") for part in parts):
             raise UserError(f"{setting}: {path} names {name[:80]!r}, which is not a file inside {folder}")
@@ -82,7 +82,7 @@ def read_manifest(folder: str, setting: str) -> List[dict]:
         if samples < 0 or (size is not None and os.path.getsize(shard) != int(size)):
             raise UserError(f"{setting}: {shard} holds {os.path.getsize(shard)} bytes, the manifest says {size} "
                             "(truncated or replaced? `moca data verify` checks every shard)")
-    return [dict(name=name, samples=samples) for name, samples, _ in entries]
+    return [dict(name=name, samples=samples, sha256=sha256) for name, samples, _, sha256 in entries]
 
 
 def safe_key(text: str) -> str:
@@ -194,11 +194,7 @@ class ShardWriter:
         with open(final + ".idx", "wb") as f:
             f.write(struct.pack(f"<{len(self._offsets)}q", *self._offsets))
         os.replace(self._path, final)
-        digest = hashlib.sha256()
-        with open(final, "rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-        self._info.bytes, self._info.sha256 = os.path.getsize(final), digest.hexdigest()
+        self._info.bytes, self._info.sha256 = os.path.getsize(final), file_sha256(final)
         self.shards.append(self._info)
         self._tar = None
         if self.on_close is not None:
@@ -355,24 +351,18 @@ class ShardCheck:
 
     name: str
     samples: int = 0
-    bad_samples: Dict[str, int] = None
-    problems: List[str] = None
+    bad_samples: Dict[str, int] = field(default_factory=dict)
+    problems: List[str] = field(default_factory=list)
 
 
 def verify_shards(folder: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> List[ShardCheck]:
     """Every shard of `folder`'s manifest checked against it: sha256, sample count, `.idx` offsets, and
     each sample read and decoded (no image decoding) with bad ones counted by SKIP_REASONS kind."""
-    with open(manifest_path(folder, "moca data verify")) as f:
-        recorded = {s["name"]: s for s in json.load(f)["shards"]}
     checks = []
     for entry in read_manifest(folder, "moca data verify"):
         path = os.path.join(folder, entry["name"])
-        check = ShardCheck(entry["name"], bad_samples={}, problems=[])
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-        if recorded[entry["name"]].get("sha256") not in (None, "", digest.hexdigest()):
+        check = ShardCheck(entry["name"])
+        if entry["sha256"] not in (None, "", file_sha256(path)):
             check.problems.append("sha256 differs from the manifest")
         for item in read_shard(path, max_member_bytes):
             if isinstance(item, ReadError):

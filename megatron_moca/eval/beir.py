@@ -55,13 +55,9 @@ def _image(value, folder: str, where: str):
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, file_problem
+        from megatron_moca.data.files import checked_image_path
 
-        path = confined_path(folder, value, where)
-        problem = file_problem(path, MAX_IMAGE_BYTES)
-        if problem:
-            raise UserError(f"{where}: image {value} under {folder}: {problem}")
-        return path
+        return checked_image_path(folder, value, where)
     return None
 
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, file_problem
+from megatron_moca.data.files import checked_image_path
 from megatron_moca.embed.inputs import PHI3V_IMAGE, embedder_input
 from megatron_moca.errors import UserError
 
@@ -37,11 +37,7 @@ def _image_path(image, root: str, where: str) -> Optional[str]:
         return None
     if not isinstance(image, str):
         raise UserError(f"{where}: image paths must be strings, got {type(image).__name__}")
-    path = confined_path(root, image, where)
-    problem = file_problem(path, MAX_IMAGE_BYTES)
-    if problem:
-        raise UserError(f"{where}: MMEB image {image} under {root}: {problem}")
-    return path
+    return checked_image_path(root, image, where, "MMEB image")
 
 
 def subsets(folder: str) -> List[Tuple[str, List[str]]]:
