@@ -27,7 +27,7 @@ def _equal_states(a, b):
     return a == b
 
 
-def test_stage1_checkpoint_restores_the_rng_states(megatron_runtime, tmp_path):
+def test_stage1_checkpoint_restores_the_rng_states(megatron_runtime, tmp_path, monkeypatch):
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     from megatron_moca.config.pretrain import load_pretrain_config
@@ -36,6 +36,11 @@ def test_stage1_checkpoint_restores_the_rng_states(megatron_runtime, tmp_path):
     from megatron_moca.training.rng import process_rng_state
     from megatron_moca.training.state import load_training_checkpoint, save_training_checkpoint
 
+    from megatron_moca import compat
+
+    # the pytest process must not keep megatron's checkpoint Manager server (compat.tie_helpers_to_this_process)
+    # alive for the later tests' worker pools: the saves here need no helper that outlives a kill
+    monkeypatch.setattr(compat, "_installed", True)
     shards = write_stage1_shards(tmp_path / "shards", documents=4)
     cfg = load_pretrain_config(os.path.join(REPO, "examples", "pretrain_tiny_cpu.yaml"),
                                [f"data.paths={shards}", f"checkpoint.save={tmp_path / 'run'}"])
