@@ -280,14 +280,22 @@ class Stage1Loader:
 
         ctx = mp.get_context("spawn")
         window = self.cfg.num_workers * self.cfg.prefetch
-        with ctx.Pool(self.cfg.num_workers, _init_worker, (self.cfg, self.builder_factory)) as pool:
-            pending = collections.deque()
+        pool = ctx.Pool(self.cfg.num_workers, _init_worker, (self.cfg, self.builder_factory))
+        pending = collections.deque()
+        try:
             for item in plan:
                 pending.append((item[3], pool.apply_async(_work, (item[:3],))))
                 if len(pending) >= window:
                     before, result = pending.popleft()
                     yield before, result.get()
             # the plan is infinite: the loop above never falls through
+        finally:
+            # the consumer stopped (or failed): let the few samples in flight finish, then join. Pool's own
+            # exit (terminate) can deadlock against its task-handler thread when it is stopped mid-stream
+            pool.close()
+            for _, result in pending:
+                result.wait(60)
+            pool.join()
 
     def __iter__(self):
         from megatron_moca.data.samples import GreedyPacker
