@@ -9,8 +9,8 @@ code the moment it is loaded. Every file this project reads that holds a pickle 
   * the `.metadata` file of a torch_dist checkpoint (torch.distributed.checkpoint's index of what is
     where) is a plain pickle of a few dataclasses: it is read by `MetadataUnpickler`, which admits only
     CHECKPOINT_METADATA_CLASSES (what megatron-core 0.16.1 and 0.19.2 on torch 2.x actually write);
-  * `audit_dist_checkpoint` reads all of those in a megatron checkpoint folder BEFORE megatron-core or
-    torch load it (both unpickle some of them without restrictions), so a folder that asks for anything
+  * `audit_dist_checkpoint` reads all of those in a megatron checkpoint folder (`audit_torch_dcp` in a
+    stage-2 FSDP checkpoint) BEFORE megatron-core or torch load it (both unpickle some of them without restrictions), so a folder that asks for anything
     else is refused with one line naming the file and the class, and nothing is loaded or written;
   * a module `_extra_state` that carries a payload (Transformer Engine pickles its FP8 metadata into one
     and unpickles it unrestricted on load) is refused unless MOCA_TRUST_FP8_EXTRA_STATE=1.
@@ -32,8 +32,8 @@ import torch
 from megatron_moca.errors import UserError
 
 # (module, name) pairs that a torch.distributed.checkpoint `.metadata` pickle may name. Read off the
-# checkpoints that megatron-core 0.16.1 and 0.19.2 write with torch 2.13 (tests/robustness/
-# test_untrusted_checkpoints.py); torch dtypes are admitted by value (below).
+# checkpoints that megatron-core 0.16.1 and 0.19.2 and torch 2.13's dcp.save write (tests/robustness/
+# test_untrusted_checkpoints.py, tests/cpu/test_finetune_fsdp.py); torch dtypes are admitted by value (below).
 CHECKPOINT_METADATA_CLASSES = frozenset({
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
@@ -51,6 +51,7 @@ CHECKPOINT_METADATA_CLASSES = frozenset({
     ("torch.distributed.checkpoint.planner", "WriteItemType"),
     ("torch.distributed.checkpoint.planner", "TensorWriteData"),
     ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # torch's own FileSystemWriter records the folder (stage-2 FSDP checkpoints)
 })
 
 
@@ -126,9 +127,18 @@ def audit_dist_checkpoint(folder: str) -> None:
     torch read it unrestricted: `.metadata` files, common.pt, and each non-tensor item (megatron's
     ShardedObjects: optimizer groups, loader positions, RNG states, extra states). Raises UserError
     (UnsafeFileError for a payload that names a non-data class) naming the file; returns nothing."""
+    _check_backend(folder)
+    audit_torch_dcp(folder)
+    common = os.path.join(folder, "common.pt")
+    if os.path.exists(common):
+        load_weights_only(common)
+
+
+def audit_torch_dcp(folder: str) -> None:
+    """The torch.distributed.checkpoint part of the audit (also all of a stage-2 FSDP checkpoint): the
+    `.metadata` files and every non-tensor item inside the .distcp files."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    _check_backend(folder)
     metadata_files = sorted(n for n in os.listdir(folder) if n.endswith(".metadata"))
     if ".metadata" not in metadata_files:
         raise UserError(f"{folder}: not a complete torch_dist checkpoint (no .metadata)")
@@ -141,9 +151,6 @@ def audit_dist_checkpoint(folder: str) -> None:
         for index, info in (metadata.storage_data or {}).items():
             if index.fqn in byte_items:
                 _audit_byte_item(folder, index.fqn, info)
-    common = os.path.join(folder, "common.pt")
-    if os.path.exists(common):
-        load_weights_only(common)
 
 
 def _check_backend(folder: str) -> None:

@@ -1,7 +1,7 @@
 """The stage-2 (`moca finetune`) configuration: YAML sections with Megatron's key names.
 
     model:      the HF Qwen2.5-VL folder to start from (a `moca convert mcore-to-hf` export of stage 1)
-    parallel:   optimizer-state sharding over the data-parallel ranks
+    parallel:   replicated (ZeRO-1) or FSDP2 / HSDP sharding over the data-parallel ranks, gradient scale
     train:      iterations (default: one epoch), global batch of pairs, GradCache chunk, seed
     optim:      AdamW, clipping, LR warmup + decay (config.pretrain.OptimConfig, stage-2 defaults)
     checkpoint: run directory, save interval, release dtype
@@ -25,6 +25,7 @@ from megatron_moca.errors import UserError
 from megatron_moca.objectives.contrastive import ContrastiveConfig
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
+GRADIENT_REDUCTIONS = ("sum", "mean")
 STAGE2_LR_STYLES = ("constant", "linear", "cosine")
 
 
@@ -42,11 +43,25 @@ class FinetuneModelConfig:
 
 @dataclass
 class FinetuneParallelConfig:
-    """Stage 2 is data parallel: every process holds the whole model."""
+    """How the data-parallel ranks hold the model: replicated (the default) or sharded with FSDP2."""
 
     use_distributed_optimizer: bool = True
-    """Shard the AdamW state over the data-parallel ranks (ZeRO-1, torch ZeroRedundancyOptimizer): per
-    GPU, 3B needs ~34 GB of weights + gradients + 1/N of the state instead of ~60 GB."""
+    """Replicated path: shard the AdamW state over the data-parallel ranks (ZeRO-1, torch
+    ZeroRedundancyOptimizer): per GPU, 3B needs ~34 GB of weights + gradients + 1/N of the state instead
+    of ~60 GB. Ignored with fsdp (FSDP shards the state itself)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state over the ranks with torch FSDP2 (fully_shard per
+    decoder layer and vision block; bf16 compute with fp32 master weights and fp32 gradient reduction):
+    what 7B on 80 GB cards and anything larger need. Checkpoints become per-rank torch.distributed.checkpoint
+    folders; the release is still one HF folder."""
+    fsdp_shard_size: Optional[int] = None
+    """With fsdp: ranks that shard one copy of the model (HSDP: shard within groups of this many ranks,
+    replicate across groups - e.g. the GPUs of one node). None: shard over all ranks."""
+    gradient_reduction: str = "sum"
+    """How the ranks' gradients combine. Every rank computes the global-batch InfoNCE and backpropagates
+    it through its own inputs. sum: the gradient of the global-batch loss, the same norm at any number of
+    ranks. mean: the MoCa reference's (DeepSpeed averages the ranks' gradients), the global gradient /
+    data-parallel size, so optim.clip_grad clips the norm the reference clipped at the same GPU count."""
 
 
 @dataclass
@@ -117,6 +132,16 @@ class FinetuneConfig:
         if t.global_batch_size % world_size:
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of the "
                             f"data-parallel size {world_size} (torchrun processes)")
+        p = self.parallel
+        if p.gradient_reduction not in GRADIENT_REDUCTIONS:
+            raise UserError(f"parallel.gradient_reduction={p.gradient_reduction!r}: expected one of "
+                            f"{', '.join(GRADIENT_REDUCTIONS)}")
+        if p.fsdp_shard_size is not None:
+            if not p.fsdp:
+                raise UserError("parallel.fsdp_shard_size is set but parallel.fsdp is false: enable FSDP or unset it")
+            if p.fsdp_shard_size < 1 or world_size % p.fsdp_shard_size:
+                raise UserError(f"parallel.fsdp_shard_size={p.fsdp_shard_size} must be >= 1 and divide the "
+                                f"{world_size} data-parallel ranks")
         if t.micro_batch_size is not None and t.micro_batch_size < 1:
             raise UserError("train.micro_batch_size must be >= 1 (or null: no GradCache chunking)")
         o = self.optim

@@ -5,12 +5,14 @@
               (embed.embedder.pooled_embeddings - the same function the embedder evaluates with)
     data      pair tables -> BatchPlan (mixed / single_task) -> this rank's slice of each global batch
     step      InfoNCE over the DP-gathered global batch + each query's hard negatives; GradCache when a
-              group exceeds train.micro_batch_size; gradients summed over ranks (each rank's backward is
-              the global loss's gradient through its own inputs), clipped, AdamW
+              group exceeds train.micro_batch_size (training/contrastive_step.py); gradients summed (or
+              averaged: parallel.gradient_reduction) over ranks - each rank's backward is the global
+              loss's gradient through its own inputs -, clipped, AdamW
+    sharding  replicated weights (+ ZeRO-1 AdamW state), or FSDP2 / HSDP (parallel.fsdp, training/fsdp.py)
     record    metrics.jsonl + one log line per log_interval; checkpoints every save_interval; exact
               resume; release/ at the end
-No DDP wrapper: with GradCache only the last chunk would sync anyway, and text-only batches leave the
-vision tower without gradients, which DDP would have to search for on every step.
+Replicated runs use no DDP wrapper: with GradCache only the last chunk would sync anyway, and text-only
+batches leave the vision tower without gradients, which DDP would have to search for on every step.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _identity(cfg: FinetuneConfig, data) -> Dict[str, object]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {"model_path": os.path.abspath(cfg.model.path), "subsets": data.fingerprint(),
             "global_batch_size": cfg.train.global_batch_size, "sampler": cfg.data.sampler,
-            "data_seed": cfg.data.seed, "hard_negatives": cfg.objective.hard_negatives}
+            "data_seed": cfg.data.seed, "hard_negatives": cfg.objective.hard_negatives, "fsdp": cfg.parallel.fsdp}
 
 
 def starting_dtype(config: dict) -> str:
@@ -48,10 +50,11 @@ def starting_dtype(config: dict) -> str:
 
 
 def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
+    """The HF model in fp32 on `device`; with FSDP on the host (fully_shard moves one unit at a time)."""
     from megatron_moca.conversion.hf_io import load_transformers_model
 
     model = load_transformers_model(folder, torch.float32)
-    model.to(device).train()
+    model.to("cpu" if cfg.parallel.fsdp else device).train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -66,16 +69,26 @@ def _optimizer(cfg: FinetuneConfig, params: List[torch.nn.Parameter], device: to
     plain = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     options = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, fused=device.type == "cuda")
-    if cfg.parallel.use_distributed_optimizer and dist.get_world_size() > 1:
+    if cfg.parallel.use_distributed_optimizer and not cfg.parallel.fsdp and dist.get_world_size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
     return torch.optim.AdamW(groups, **options)
 
 
-def sum_gradients(params: List[torch.nn.Parameter], group=None) -> None:
-    """Sum every parameter's gradient over the data-parallel ranks (missing gradients count as zero:
-    a rank whose batch had no image leaves the vision tower without any), in flat buckets."""
+def _park_lm_head(model, tied: bool) -> None:
+    """After FSDP sharded the encoder: the output head is not trained (untied, it waits on the host for the
+    release); tied, it still holds the embedding's whole pre-sharding tensor, which is dropped (the release
+    does not write a tied head)."""
+    if tied:
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"),
+                                                  requires_grad=False)
+
+
+def sum_gradients(params: List[torch.nn.Parameter], group=None, mean: bool = False) -> None:
+    """Sum (mean: average) every parameter's gradient over the data-parallel ranks (missing gradients count as zero:
+    a rank whose batch had no image leaves the vision tower without any), in flat buckets. (FSDP runs:
+    FSDP reduces.)"""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     for p in params:
@@ -91,6 +104,8 @@ def sum_gradients(params: List[torch.nn.Parameter], group=None) -> None:
         if bucket:
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, group=group)
+            if mean:
+                flat /= dist.get_world_size(group)
             for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 g.copy_(reduced)
         bucket, size = [], 0
@@ -101,49 +116,6 @@ def sum_gradients(params: List[torch.nn.Parameter], group=None) -> None:
         bucket.append(p.grad)
         size += p.numel()
     flush()
-
-
-class ContrastiveStep:
-    """Forward + backward of one global batch on this rank: InfoNCE over gathered embeddings, with
-    GradCache when a group has more than one chunk."""
-
-    def __init__(self, backbone, cfg: FinetuneConfig, device: torch.device):
-        self.backbone, self.cfg, self.device = backbone, cfg, device
-        self.autocast = cfg.model.compute_dtype == "bfloat16"
-
-    def encode(self, batch: dict) -> torch.Tensor:
-        from megatron_moca.embed.embedder import pooled_embeddings
-
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return pooled_embeddings(self.backbone, batch, self.device)
-
-    def loss(self, index: torch.Tensor, q, p, n=None):
-        from megatron_moca.objectives.contrastive import info_nce
-
-        k = index.shape[1]
-        negatives = mask = None
-        if k:
-            mask = index >= 0
-            if n is None or not n.shape[0]:  # no hard negatives on this rank
-                negatives = q.new_zeros(q.shape[0], k, q.shape[1])
-            else:
-                negatives = n[index.clamp(min=0)]
-        return info_nce(q, p, negatives, self.cfg.objective, negative_mask=mask)
-
-    def __call__(self, step: dict):
-        from megatron_moca.objectives.grad_cache import GradCache
-
-        index = step["negative_index"].to(self.device)
-        groups = [step["queries"], step["positives"]]
-        if step["negatives"]:
-            groups.append(step["negatives"])
-        if all(len(chunks) == 1 for chunks in groups):
-            loss, metrics = self.loss(index, *[self.encode(chunks[0]) for chunks in groups])
-            loss.backward()
-            return loss.detach(), metrics, False
-        cache = GradCache(self.encode, lambda *emb: self.loss(index, *emb))
-        loss, metrics = cache.step(groups)
-        return loss, metrics, True
 
 
 def _step_flops(model_cfg, step: dict, grad_cache: bool) -> float:
@@ -168,8 +140,10 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     from megatron_moca.embed.inputs import EmbeddingInputs
     from megatron_moca.models.transformer_configs import DTYPES
     from megatron_moca.training.contrastive_batches import ContrastiveSteps, step_loader
-    from megatron_moca.training.finetune_state import (RELEASE, check_resumable, load_optimizer_and_rng,
-                                                       save_checkpoint, write_release)
+    from megatron_moca.training.contrastive_step import ContrastiveStep, PooledEncoder, pad_negative_chunks
+    from megatron_moca.training.finetune_state import (RELEASE, check_resumable, lm_head_is_tied,
+                                                       load_optimizer_and_rng, save_checkpoint, write_release)
+    from megatron_moca.training.fsdp import full_value
     from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
     from megatron_moca.training.pretrain import TrainingError, write_resolved_config
     from megatron_moca.training.schedule import learning_rate
@@ -194,16 +168,24 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
     iteration = 0
+    fsdp = cfg.parallel.fsdp
     if resumed_at is not None:
         folder = iteration_dir(save, resumed_at)
-        check_resumable(folder, identity)
-        model = _load_model(folder, cfg, device)
-    else:
-        model = _load_model(cfg.model.path, cfg, device)
-    params = [p for p in model.model.parameters() if p.requires_grad]
+        check_resumable(folder, identity, reshardable=fsdp)
+    # an FSDP checkpoint holds no HF folder: the base model is loaded, then the checkpoint's shards over it
+    model = _load_model(folder if resumed_at is not None and not fsdp else cfg.model.path, cfg, device)
+    tied = lm_head_is_tied(model)
+    encoder = PooledEncoder(model.model, device, always_run_vision=fsdp)
+    if fsdp:
+        from megatron_moca.training import fsdp as sharding
+
+        sharding.shard(encoder, device, cfg.model.compute_dtype, cfg.parallel.fsdp_shard_size,
+                       cfg.parallel.gradient_reduction)
+        _park_lm_head(model, tied)
+    params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params, device)
     if resumed_at is not None:
-        load_optimizer_and_rng(folder, optimizer)
+        load_optimizer_and_rng(folder, optimizer, encoder if fsdp else None)
         iteration = resumed_at
         if rank0:
             log.info("resumed from %s at iteration %d", folder, iteration)
@@ -219,7 +201,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
                              cfg.train.micro_batch_size)
     loader = step_loader(steps, iteration, cfg.data.num_workers)
-    step_fn = ContrastiveStep(model.model, cfg, device)
+    step_fn = ContrastiveStep(encoder, cfg.objective, device, autocast=cfg.model.compute_dtype == "bfloat16")
     metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
     window = ThroughputWindow(dp, device_peak_tflops(cfg.logging.peak_tflops))
     warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
@@ -231,14 +213,18 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
         while iteration < train_iters:
             start = time.perf_counter()
             step = next(loader)
+            if fsdp:
+                step = pad_negative_chunks(step, device)
             data_seconds = time.perf_counter() - start
             lr = learning_rate(iteration, o.lr, o.min_lr, warmup, decay, o.lr_decay_style)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=False)  # keep the buffers: sum_gradients fills a missing one once
             loss, parts, chunked = step_fn(step)
-            sum_gradients(params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf")))
+            if not fsdp:
+                sum_gradients(params, mean=cfg.parallel.gradient_reduction == "mean")
+            grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(
+                params, o.clip_grad if o.clip_grad > 0 else float("inf"))))
             loss_value = float(loss)
             if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
                 raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at iteration "
@@ -258,7 +244,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                     metrics.write(record)
                     log.info(log_line(record, train_iters))
             if cadence.saves(iteration):
-                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity, embedding)
+                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity, embedding,
+                                encoder if fsdp else None)
                 last_saved = iteration
                 if rank0:
                     log.info("saved iteration %d to %s", iteration, save)
@@ -269,7 +256,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
         release_done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
         if iteration >= train_iters and (iteration > last_started or not release_done):
             release_name = cfg.checkpoint.release_dtype or starting_dtype(base_config)
-            folder = write_release(save, cfg.model.path, model, DTYPES[release_name], embedding)
+            folder = write_release(save, cfg.model.path, model, DTYPES[release_name], embedding, tied)
             if rank0:
                 log.info("release: %s (%s)", folder, release_name)
     finally:

@@ -91,3 +91,15 @@ def test_the_release_dtype_defaults_to_the_starting_models_under_either_key():
     assert starting_dtype({"dtype": "float32"}) == "float32"  # transformers 5 (was: bfloat16)
     assert starting_dtype({"dtype": "float32", "torch_dtype": "bfloat16"}) == "float32"
     assert starting_dtype({}) == "bfloat16"
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.fsdp_shard_size=2"], 4, "parallel.fsdp_shard_size is set but parallel.fsdp is false"),
+    (["parallel.fsdp=true", "parallel.fsdp_shard_size=3"], 4, "must be >= 1 and divide the 4 data-parallel ranks"),
+    (["parallel.fsdp=true", "parallel.fsdp_shard_size=0"], 4, "must be >= 1 and divide"),
+    (["parallel.gradient_reduction=avg"], 1, "parallel.gradient_reduction='avg': expected one of sum, mean"),
+])
+def test_sharding_settings_are_checked(tmp_path, overrides, world, message):
+    with pytest.raises(UserError, match=message):
+        valid(tmp_path, "train.global_batch_size=4", *overrides).validate(world)
+    valid(tmp_path, "train.global_batch_size=4", "parallel.fsdp=true", "parallel.fsdp_shard_size=2").validate(4)

@@ -1,0 +1,61 @@
+"""Stage 2 sharded with torch FSDP2 (`parallel.fsdp`): parameters, gradients and AdamW state split over the
+data-parallel ranks, or HSDP (`parallel.fsdp_shard_size`): split within groups, replicated across them.
+
+    fully_shard   each vision block, the vision tower (patch embedding + merger), each decoder layer, and
+                  the PooledEncoder root (embeddings, final norm); bf16 parameters for compute where
+                  model.compute_dtype is bfloat16, fp32 master weights and fp32 gradient reduction
+    gradients     FSDP reduce-scatters each backward's gradients (GradCache: once per chunk, accumulated);
+                  the divide factor makes the result the sum or the mean over ranks
+                  (parallel.gradient_reduction)
+    norms         clip_grad_norm_ over DTensor gradients: torch reduces the shards' norms
+
+After torchtitan's torchtitan/models/llama3/infra/parallelize.py (apply_fsdp), written for the HF
+Qwen2.5-VL modules.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+def device_mesh(device: torch.device, shard_size: int = None):
+    """A 1-D mesh over all ranks, or a 2-D (replicate, shard) mesh for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if shard_size in (None, world):
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def sharded_modules(backbone: torch.nn.Module) -> List[torch.nn.Module]:
+    """The units FSDP gathers one at a time, innermost first: vision blocks, the vision tower, decoder layers."""
+    return [*backbone.visual.blocks, backbone.visual, *backbone.language_model.layers]
+
+
+def shard(encoder: torch.nn.Module, device: torch.device, compute_dtype: str, shard_size: int = None,
+          gradient_reduction: str = "sum") -> None:
+    """fully_shard the PooledEncoder in place (its parameters become DTensors on `device`)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = device_mesh(device, shard_size)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if compute_dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
+    for module in sharded_modules(encoder.backbone):
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(encoder, mesh=mesh, mp_policy=policy)
+    factor = 1.0 if gradient_reduction == "sum" else float(dist.get_world_size())
+    for module in encoder.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(factor)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM + a scale: gloo has no PREMUL_SUM
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (collective: every rank calls it), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

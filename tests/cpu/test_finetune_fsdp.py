@@ -1,0 +1,132 @@
+"""Stage 2 sharded with torch FSDP2 on gloo: the same training as one process (fp32: losses and gradient
+norms to rel 1e-4), with GradCache, hard negatives (2 per text row, 1 per image row: chunk counts differ
+between ranks), text-only and image rows on different ranks, HSDP; bit-exact resume at the same world size,
+resume at another; the release equals the replicated path's and MocaEmbedder loads it; the gradient scale
+of parallel.gradient_reduction."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from helpers import REPO, run_moca, run_torchrun, write_pairs
+
+SMALL = ["model.compute_dtype=float32", "train.global_batch_size=4", "data.max_length=128", "data.num_workers=0",
+         "data.image.min_pixels=3136", "data.image.max_pixels=12544", "logging.log_interval=1", "train.train_iters=3",
+         "optim.lr=2e-4", "checkpoint.save_interval=100"]
+CLI = os.path.join(REPO, "megatron_moca", "cli.py")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def _run(nproc, tiny_hf_dir, pairs, save, *more):
+    args = ["finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={save}", *SMALL, *more]
+    proc = run_torchrun(nproc, CLI, *args) if nproc > 1 else run_moca(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _metrics(save):
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_same_training(base, other):
+    assert [r["step"] for r in other] == [r["step"] for r in base]
+    for x, y in zip(base, other):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        # (accuracy is not compared: the pairs repeat six pictures, so some logits tie exactly and argmax
+        # follows the rounding; the bit-exact resume compares it)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_hf_dir, pairs, tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("one") / "run")
+    _run(1, tiny_hf_dir, pairs, save)
+    return save
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tiny_hf_dir, pairs, tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("fsdp2") / "run")
+    _run(2, tiny_hf_dir, pairs, save, "parallel.fsdp=true")
+    return save
+
+
+def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, replicated, fsdp2, tmp_path):
+    straight = fsdp2
+    stopped, resharded = str(tmp_path / "stopped"), str(tmp_path / "resharded")
+    _run(2, tiny_hf_dir, pairs, stopped, "parallel.fsdp=true", "train.exit_interval=2")
+    checkpoint = os.path.join(stopped, "iter_0000002")
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt",
+            "trainer_state.json"} <= set(os.listdir(checkpoint))
+    shutil.copytree(stopped, resharded)
+    resumed = _run(2, tiny_hf_dir, pairs, stopped, "parallel.fsdp=true")
+    assert "resumed from" in resumed.stderr
+    assert _numbers(_metrics(stopped)) == _numbers(_metrics(straight))  # bit for bit
+    _assert_same_training(_metrics(replicated), _metrics(straight))
+    # another world size: the shards are redistributed, the global batches stay the same
+    _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true")
+    _assert_same_training(_metrics(replicated), _metrics(resharded))
+    # a replicated run does not take an FSDP checkpoint (nor the reverse)
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={stopped}",
+                    *SMALL, "train.train_iters=4")
+    assert proc.returncode == 2 and "fsdp was True and is now False" in proc.stderr
+
+
+def _numbers(records):
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["accuracy"]) for r in records]
+
+
+def test_fsdp_with_grad_cache_and_hsdp_trains_as_one_process(tiny_hf_dir, pairs, replicated, tmp_path):
+    """One input per GradCache chunk: ranks embed different numbers of hard-negative chunks (padded); on 4
+    ranks each holds one pair, so some ranks' chunks are text-only while others' have images."""
+    for nproc, more in ((2, []), (4, ["parallel.fsdp_shard_size=2"])):
+        save = str(tmp_path / f"fsdp{nproc}")
+        _run(nproc, tiny_hf_dir, pairs, save, "parallel.fsdp=true", "train.micro_batch_size=1", *more)
+        _assert_same_training(_metrics(replicated), _metrics(save))
+
+
+def test_fsdp_release_equals_the_replicated_release(pairs, replicated, fsdp2):
+    from megatron_moca.embed.embedder import MocaEmbedder
+
+    ours, theirs = os.path.join(fsdp2, "release"), os.path.join(replicated, "release")
+    assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+    for name in os.listdir(ours):
+        if not name.endswith(".safetensors"):
+            assert open(os.path.join(ours, name)).read() == open(os.path.join(theirs, name)).read(), name
+    a, b = _weights(ours), _weights(theirs)
+    assert sorted(a) == sorted(b) and "lm_head.weight" not in a  # the tiny model ties its head
+    for key in a:  # the same training in another summation order: fp32 rounding apart
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+        assert (a[key] - b[key]).abs().max().item() < 2e-5, key
+    items = ["a harbour at dawn", {"text": "<|vision_start|><|image_pad|><|vision_end|> a picture",
+                                   "images": [os.path.join(pairs, "images", "p0.png")]}]
+    x, y = MocaEmbedder(ours, device="cpu").embed(items), MocaEmbedder(theirs, device="cpu").embed(items)
+    assert (x - y).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_gradient_reduction_mean_is_the_references_scale(tiny_hf_dir, pairs, replicated, tmp_path, fsdp):
+    """The reference's DeepSpeed mean over 2 ranks: half the global-batch gradient (the default sum's)."""
+    save = str(tmp_path / "mean")
+    _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={str(fsdp).lower()}", "parallel.gradient_reduction=mean",
+         "train.train_iters=1")
+    first, base = _metrics(save)[0], _metrics(replicated)[0]
+    assert first["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(base["grad_norm"] / 2, rel=1e-4)
