@@ -6,8 +6,7 @@ megatron-core: heavy modules are imported where they are used.
 
 __version__ = "0.1.0"
 
-import warnings as _warnings
+from megatron_moca import compat as _compat
 
 # megatron-core warns at import time about optional GPU packages; `moca env` reports them instead
-_warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
-_warnings.filterwarnings("ignore", message=r"full scope is deprecated.*")
+_compat.quiet_import_warnings()

@@ -128,7 +128,9 @@ def _training_logging() -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every bucket and option
+    from megatron_moca import compat
+
+    compat.quiet_megatron_logs()  # megatron's INFO lists every bucket and option
     return rank
 
 

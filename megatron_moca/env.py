@@ -44,7 +44,7 @@ def environment_report() -> Dict[str, str]:
         report["gpu"] = f"{torch.cuda.device_count()} x {props.name} (sm_{props.major}{props.minor}, " \
                         f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     else:
-        report["gpu"] = "none (CPU: gloo process groups, megatron CUDA calls adapted by distributed/cpu.py)"
+        report["gpu"] = "none (CPU: gloo process groups, megatron CUDA calls adapted by compat.py)"
     kernels = available_kernels()
     report["attention_backend(auto)"] = resolve_backend("auto")
     report["attention_kernels"] = ", ".join(k for k, ok in kernels.items() if ok and k != "cuda")

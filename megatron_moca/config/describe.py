@@ -13,7 +13,16 @@ from typing import Dict, List, Tuple
 
 
 def field_docs(klass) -> Dict[str, str]:
-    """name -> the docstring under that field in `klass`'s body (empty where there is none)."""
+    """name -> the docstring under that field in `klass`'s body or a dataclass base's (empty where there is
+    none)."""
+    docs: Dict[str, str] = {}
+    for base in reversed(klass.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(klass) -> Dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
     except (OSError, TypeError):

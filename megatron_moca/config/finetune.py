@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_moca.config.pretrain import LoggingConfig, OptimConfig
+from megatron_moca.config.common import LoggingConfig, OptimConfig, RunDirectoryConfig
 from megatron_moca.data.pairs import SAMPLERS, PairsDataConfig
 from megatron_moca.errors import UserError
 from megatron_moca.objectives.contrastive import ContrastiveConfig
@@ -83,15 +83,9 @@ class FinetuneTrainConfig:
 
 
 @dataclass
-class FinetuneCheckpointConfig:
-    """The run directory and what is written into it."""
+class FinetuneCheckpointConfig(RunDirectoryConfig):
+    """The run directory (save, save_interval: config.common.RunDirectoryConfig) and the release."""
 
-    save: Optional[str] = None
-    """Run directory: config.yaml, metrics.jsonl, iter_XXXXXXX/ (an HF folder + optimizer + state),
-    latest_checkpointed_iteration.txt, and release/ at the end. A run whose directory holds a
-    checkpoint resumes from it."""
-    save_interval: int = 500
-    """Save every this many iterations (and at the end)."""
     release_dtype: Optional[str] = None
     """dtype of the final release/ folder (default: the starting model's, from its config's `dtype` or
     `torch_dtype`)."""

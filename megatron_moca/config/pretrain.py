@@ -19,13 +19,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from megatron_moca.config.common import LR_DECAY_STYLES, LoggingConfig, OptimConfig, RunDirectoryConfig
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.data.loader import LoaderConfig
 from megatron_moca.data.samples import Stage1SampleConfig
 from megatron_moca.errors import UserError
 from megatron_moca.objectives.reconstruction import ReconstructionConfig
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
 @dataclass
@@ -61,61 +61,16 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with decoupled weight decay, gradient clipping and Megatron's LR schedule. Defaults: the
-    MoCa reference's stage-1 settings (spec moca-method.md)."""
+class CheckpointConfig(RunDirectoryConfig):
+    """Where the run directory is (save, save_interval: config.common.RunDirectoryConfig) and what the run
+    starts from."""
 
-    lr: float = 2e-6
-    """Peak learning rate."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the decay."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (not applied to biases and norms)."""
-    adam_beta1: float = 0.9
-    """AdamW's first-moment decay."""
-    adam_beta2: float = 0.999
-    """AdamW's second-moment decay."""
-    adam_eps: float = 1e-8
-    """AdamW's denominator epsilon."""
-    clip_grad: float = 5.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-    lr_warmup_iters: Optional[int] = None
-    """Iterations of linear warmup from 0 (None: lr_warmup_fraction of the decay iterations)."""
-    lr_warmup_fraction: float = 0.1
-    """Warmup as a fraction of lr_decay_iters, where lr_warmup_iters is not set."""
-    lr_decay_iters: Optional[int] = None
-    """Iterations over which the LR decays to min_lr (default: train_iters)."""
-    lr_decay_style: str = "linear"
-    """One of constant, linear, cosine, inverse-square-root, WSD."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Where the run directory is and what it starts from."""
-
-    save: Optional[str] = None
-    """Run directory: config.yaml, metrics.jsonl, iter_XXXXXXX/, latest_checkpointed_iteration.txt.
-    A run whose directory already holds a checkpoint resumes from it."""
-    save_interval: int = 500
-    """Save every this many iterations (and at the end)."""
     load: Optional[str] = None
     """Starting weights for a fresh run: a `moca convert hf-to-mcore` folder (or any run directory or
     iter_ folder); the MAE decoder starts from LLM layer L//2. None: random initialisation."""
     optim_fully_reshardable: bool = False
     """Save optimizer state in the layout that loads at another TP/PP (gathers on DP rank 0); the
     default layout is written by every rank in parallel and reloads at the same TP/PP."""
-
-
-@dataclass
-class LoggingConfig:
-    """What rank 0 reports."""
-
-    log_interval: int = 10
-    """Iterations per log line (and metrics.jsonl record)."""
-    tensorboard_dir: Optional[str] = None
-    """Mirror the metrics to TensorBoard here (default: <save>/tensorboard when tensorboard imports)."""
-    peak_tflops: Optional[float] = None
-    """Dense bf16 peak of one device for MFU (default: known GPUs by name; no MFU on the CPU)."""
 
 
 @dataclass

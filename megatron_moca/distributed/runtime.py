@@ -55,9 +55,9 @@ def init_process_group() -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
-        from megatron_moca.distributed import cpu
+        from megatron_moca import compat
 
-        cpu.install()
+        compat.adapt_megatron_to_cpu()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ:
@@ -115,9 +115,9 @@ def seed_all(seed: int, tp_rank: int) -> None:
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
     else:
-        from megatron_moca.distributed import cpu
+        from megatron_moca import compat
 
-        cpu.manual_seed(seed, tp_rank)
+        compat.manual_seed(seed, tp_rank)
 
 
 def shutdown() -> None:

@@ -19,41 +19,18 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch._dynamo
 
 # Different sequence lengths and the two vision block kinds each add a cache entry; the default
 # limit (8) would silently fall back to eager on a long run with varied lengths.
 _CACHE_SIZE_LIMIT = 64
 
 
-def _resolve_default_tp_group_quietly() -> None:
-    """megatron-core 0.16-0.19: RowParallelLinear calls its matmul helper with tp_group=None, which then
-    resolves the default group through `get_tensor_model_parallel_group_if_none`, issuing a
-    DeprecationWarning on every call. Dynamo cannot trace `warnings.warn`, so every row-parallel
-    linear split each compiled block into several graphs (more guards run on the host per step).
-    Same resolution, without the warning, in the one module that looks it up."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import layers
-
-    original = layers.get_tensor_model_parallel_group_if_none
-    if getattr(original, "_moca_quiet", False):
-        return
-
-    def quiet(tp_group, is_expert=False, check_initialized=True):
-        if tp_group is None and torch.distributed.is_initialized() and parallel_state.is_initialized():
-            if is_expert:
-                return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
-            return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
-        return original(tp_group, is_expert=is_expert, check_initialized=check_initialized)
-
-    quiet._moca_quiet = True
-    layers.get_tensor_model_parallel_group_if_none = quiet
-
-
 def compile_model(model, backend: str = "inductor") -> List[str]:
     """Compile MocaVLM's blocks in place; returns the names of what was compiled."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _CACHE_SIZE_LIMIT)
-    _resolve_default_tp_group_quietly()
+    from megatron_moca import compat
+
+    compat.raise_dynamo_cache_limit(_CACHE_SIZE_LIMIT)
+    compat.quiet_default_tp_group()  # its warning would split every compiled row-parallel block
     compiled = []
     if model.backend != "te":
         layers = [(f"language.decoder.layers.{i}", layer) for i, layer in enumerate(model.language.decoder.layers)]

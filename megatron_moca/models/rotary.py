@@ -15,7 +15,7 @@ as in that chain (same products, same single sum, same final rounding):
     meets fp32 cos/sin inside the product kernels (promotion, no fp32 copy of x);
   - language model: megatron-core (`rope_utils._apply_rotary_pos_emb_bshd`) and HF compute in the input
     dtype with cos/sin cast to it; here the same, with cos/sin computed once per forward instead of
-    twice per layer (`use_for_megatron_attention`).
+    twice per layer (compat.route_megatron_rotary routes megatron's attention here).
 Under torch.compile the original chains are traced instead (inductor fuses them into one kernel).
 """
 
@@ -111,46 +111,3 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         q, k = rotary_reference(qkv[..., :2, :], cos, sin).unbind(-2)
         return q, k, qkv.select(-2, 2)
     return _RotaryQKV.apply(qkv, cos, sin)
-
-
-class _CosSinOfLastFreqs:
-    """cos/sin of the angle tensor most recently seen: every layer of a forward gets the same one."""
-
-    def __init__(self):
-        self.freqs, self.dtype, self.version, self.value = None, None, None, None
-
-    def __call__(self, freqs: torch.Tensor, dtype: torch.dtype):
-        if freqs is not self.freqs or dtype != self.dtype or self.version != freqs._version:
-            half = freqs[..., : freqs.shape[-1] // 2]
-            self.freqs, self.dtype, self.version = freqs, dtype, freqs._version
-            self.value = (half.cos().to(dtype), half.sin().to(dtype))  # rope_utils' cast
-        return self.value
-
-
-def _plain_megatron_rope(t, freqs, config, cu_seqlens, mscale) -> bool:
-    """The case rope_utils handles with `_apply_rotary_pos_emb_bshd` on angles cat(f, f)."""
-    return (cu_seqlens is None and mscale == 1.0 and not config.apply_rope_fusion and not config.rotary_interleaved
-            and not getattr(config, "multi_latent_attention", False) and freqs.shape[-1] == t.shape[-1]
-            and not freqs.requires_grad)
-
-
-def use_for_megatron_attention() -> None:
-    """Route megatron-core's attention rotary (transformer/attention.py's `apply_rotary_pos_emb`) through
-    half_rotary for the plain case; everything else (THD cu_seqlens, fused TE rope, YaRN mscale,
-    interleaved or partial rotary, MLA, torch.compile tracing) keeps megatron's function. Idempotent."""
-    from megatron.core.transformer import attention
-
-    original = attention.apply_rotary_pos_emb
-    if getattr(original, "_moca_half_rotary", False):
-        return
-    cos_sin = _CosSinOfLastFreqs()
-
-    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, **kwargs):
-        if kwargs or torch.compiler.is_compiling() or not _plain_megatron_rope(t, freqs, config, cu_seqlens, mscale):
-            return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
-                            **kwargs)
-        cos, sin = cos_sin(freqs, t.dtype)
-        return half_rotary(t, cos, sin)
-
-    apply_rotary_pos_emb._moca_half_rotary = True
-    attention.apply_rotary_pos_emb = apply_rotary_pos_emb

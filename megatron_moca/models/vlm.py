@@ -14,7 +14,6 @@ Batch convention (all stages receive the same batch):
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -31,16 +30,10 @@ from megatron_moca.models.attention import allowed_from_document_ids
 from megatron_moca.models.heads import MaeDecoder
 from megatron_moca.models.norms import RMSNorm
 from megatron_moca.models.rope_index import get_rope_index
-from megatron_moca.models.rotary import use_for_megatron_attention
 from megatron_moca.models.specs import llm_layer_spec, resolve_backend
+from megatron_moca import compat
 from megatron_moca.models.transformer_configs import language_transformer_config, vision_transformer_config
 from megatron_moca.models.vision import VisionTower
-
-
-# megatron-core 0.19 logs "GPTModel IS DEPRECATED" (in favour of HybridModel, which has no M-RoPE) on
-# every construction; GPTModel is an implementation detail here, so that line is dropped.
-logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
-    lambda record: "GPTModel IS DEPRECATED" not in record.getMessage())
 
 
 class MocaVLM(MegatronModule):
@@ -66,7 +59,8 @@ class MocaVLM(MegatronModule):
                             "set model.fp8=null")
         self.causal = cfg.attention == "causal"
         self.vision_on_text_batches = vision_on_text_batches
-        use_for_megatron_attention()  # the LLM's rotary in fewer kernels, bit-identical (models/rotary.py)
+        compat.route_megatron_rotary()  # the LLM's rotary in fewer kernels, bit-identical (models/rotary.py)
+        compat.quiet_megatron_logs()
         layer_spec = llm_layer_spec(self.backend, self.causal)
         if self.backend == "te":
             from megatron.core.extensions.transformer_engine import TENorm as final_norm

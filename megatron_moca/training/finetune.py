@@ -9,8 +9,8 @@
               averaged: parallel.gradient_reduction) over ranks - each rank's backward is the global
               loss's gradient through its own inputs -, clipped, AdamW
     sharding  replicated weights (+ ZeRO-1 AdamW state), or FSDP2 / HSDP (parallel.fsdp, training/fsdp.py)
-    record    metrics.jsonl + one log line per log_interval; checkpoints every save_interval; exact
-              resume; release/ at the end
+    loop      training/loop.py (shared with stage 1): the guard before the update, metrics.jsonl + one
+              log line per log_interval, checkpoints every save_interval; exact resume; release/ at the end
 Replicated runs use no DDP wrapper: with GradCache only the last chunk would sync anyway, and text-only
 batches leave the vision tower without gradients, which DDP would have to search for on every step.
 """
@@ -18,16 +18,15 @@ batches leave the vision tower without gradients, which DDP would have to search
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_moca.config.finetune import FinetuneConfig
-from megatron_moca.training.cadence import Cadence
+from megatron_moca.training.loop import StepOutput
 
 log = logging.getLogger("megatron_moca.train")
 
@@ -131,49 +130,118 @@ def _step_flops(model_cfg, step: dict, grad_cache: bool) -> float:
     return total * (4 / 3 if grad_cache else 1.0)  # GradCache: one more forward (a third of fwd + bwd)
 
 
+class Stage2:
+    """Stage 2's side of the training loop (training/loop.py): the contrastive step, gradient reduction and
+    clipping, AdamW with the stage-2 LR schedule, the HF-folder or FSDP checkpoint, the release."""
+
+    def __init__(self, cfg: FinetuneConfig, model, encoder, optimizer, loader, train_iters: int, identity: dict,
+                 embedding: dict, tied: bool, base_config: dict, device: torch.device):
+        from megatron_moca.conversion.hf_config import model_config_from_hf
+        from megatron_moca.training.contrastive_step import ContrastiveStep
+
+        self.cfg, self.model, self.encoder, self.optimizer, self.loader = cfg, model, encoder, optimizer, loader
+        self.train_iters, self.identity, self.embedding, self.tied = train_iters, identity, embedding, tied
+        self.base_config, self.device = base_config, device
+        self.model_cfg = model_config_from_hf(base_config)
+        self.fsdp = cfg.parallel.fsdp
+        self.params = [p for p in encoder.parameters() if p.requires_grad]
+        self.step_fn = ContrastiveStep(encoder, cfg.objective, device, autocast=cfg.model.compute_dtype == "bfloat16")
+        self.warmup, self.decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
+        self.started_at: Optional[int] = None
+
+    def forward_backward(self, iteration: int) -> StepOutput:
+        from megatron_moca.training.contrastive_step import pad_negative_chunks
+        from megatron_moca.training.fsdp import full_value
+        from megatron_moca.training.schedule import learning_rate
+
+        if self.started_at is None:
+            self.started_at = iteration
+        start = time.perf_counter()
+        step = next(self.loader)
+        if self.fsdp:
+            step = pad_negative_chunks(step, self.device)
+        data_seconds = time.perf_counter() - start
+        o = self.cfg.optim
+        lr = learning_rate(iteration, o.lr, o.min_lr, self.warmup, self.decay, o.lr_decay_style)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=False)  # keep the buffers: sum_gradients fills a missing one once
+        loss, parts, chunked = self.step_fn(step)
+        if not self.fsdp:  # FSDP reduced the gradients during the backward
+            sum_gradients(self.params, mean=self.cfg.parallel.gradient_reduction == "mean")
+        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(
+            self.params, o.clip_grad if o.clip_grad > 0 else float("inf"))))
+        counts = torch.tensor([float(step["tokens"]), _step_flops(self.model_cfg, step, chunked)],
+                              dtype=torch.float64, device=self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return StepOutput(loss=float(loss), lr=lr, tokens=counts[0].item(), flops=counts[1].item(),
+                          data_seconds=data_seconds, grad_norm=grad_norm,
+                          parts={"contrastive_loss": parts["contrastive_loss"], "accuracy": parts["accuracy"]})
+
+    def apply_update(self) -> Optional[float]:
+        self.optimizer.step()
+        return None  # the norm was taken before the update (clipping)
+
+    def extra_metrics(self) -> Dict[str, object]:
+        return {}
+
+    def save(self, iteration: int) -> None:
+        from megatron_moca.training.finetune_state import save_checkpoint
+
+        save_checkpoint(self.cfg.checkpoint.save, self.cfg.model.path, self.model, self.optimizer, iteration,
+                        self.identity, self.embedding, self.encoder if self.fsdp else None)
+
+    def finish(self, iteration: int) -> None:
+        """The release, once the last iteration is done (again if this invocation trained, or if a kill
+        cut the previous one short)."""
+        from megatron_moca.models.transformer_configs import DTYPES
+        from megatron_moca.training.finetune_state import RELEASE, write_release
+
+        save = self.cfg.checkpoint.save
+        done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
+        trained = self.started_at is not None
+        if iteration < self.train_iters or (done and not trained):
+            return
+        name = self.cfg.checkpoint.release_dtype or starting_dtype(self.base_config)
+        folder = write_release(save, self.cfg.model.path, self.model, DTYPES[name], self.embedding, self.tied)
+        if dist.get_rank() == 0:
+            log.info("release: %s (%s)", folder, name)
+
+
 def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     """Run (or resume) stage 2; returns the last logged metrics record."""
-    from megatron_moca.conversion.hf_config import model_config_from_hf
+    from megatron_moca.checkpointing import iteration_dir, read_tracker
     from megatron_moca.conversion.hf_io import read_config
     from megatron_moca.data.pairs import BatchPlan, PairsData
     from megatron_moca.distributed import runtime
     from megatron_moca.embed.inputs import EmbeddingInputs
-    from megatron_moca.models.transformer_configs import DTYPES
     from megatron_moca.training.contrastive_batches import ContrastiveSteps, step_loader
-    from megatron_moca.training.contrastive_step import ContrastiveStep, PooledEncoder, pad_negative_chunks
-    from megatron_moca.training.finetune_state import (RELEASE, check_resumable, lm_head_is_tied,
-                                                       load_optimizer_and_rng, save_checkpoint, write_release)
-    from megatron_moca.training.fsdp import full_value
-    from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
-    from megatron_moca.training.pretrain import TrainingError, write_resolved_config
-    from megatron_moca.training.schedule import learning_rate
-    from megatron_moca.checkpointing import iteration_dir, read_tracker
+    from megatron_moca.training.contrastive_step import PooledEncoder
+    from megatron_moca.training.finetune_state import check_resumable, lm_head_is_tied, load_optimizer_and_rng
+    from megatron_moca.training.loop import LoopSettings, open_run_directory, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
     base_config = read_config(cfg.model.path)
-    model_cfg = model_config_from_hf(base_config)
     data = PairsData(cfg.data)
     plan = BatchPlan(data.subset_sizes(), cfg.train.global_batch_size, cfg.data.sampler, cfg.data.seed)
     train_iters = cfg.iterations(plan.steps_per_epoch)
     identity = _identity(cfg, data)
     embedding = {"min_pixels": cfg.data.image.min_pixels, "max_pixels": cfg.data.image.max_pixels,
                  "max_length": cfg.data.max_length}  # recorded in every HF folder the run writes
-    save = cfg.checkpoint.save
-    resumed_at = read_tracker(save)
+    resumed_at = read_tracker(cfg.checkpoint.save)
 
     runtime.init_process_group()
     rank, dp = dist.get_rank(), dist.get_world_size()
-    rank0 = rank == 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
-    iteration = 0
     fsdp = cfg.parallel.fsdp
-    if resumed_at is not None:
-        folder = iteration_dir(save, resumed_at)
+    folder = iteration_dir(cfg.checkpoint.save, resumed_at) if resumed_at is not None else None
+    if folder:
         check_resumable(folder, identity, reshardable=fsdp)
     # an FSDP checkpoint holds no HF folder: the base model is loaded, then the checkpoint's shards over it
-    model = _load_model(folder if resumed_at is not None and not fsdp else cfg.model.path, cfg, device)
+    model = _load_model(folder if folder and not fsdp else cfg.model.path, cfg, device)
     tied = lm_head_is_tied(model)
     encoder = PooledEncoder(model.model, device, always_run_vision=fsdp)
     if fsdp:
@@ -182,84 +250,20 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
         sharding.shard(encoder, device, cfg.model.compute_dtype, cfg.parallel.fsdp_shard_size,
                        cfg.parallel.gradient_reduction)
         _park_lm_head(model, tied)
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, params, device)
-    if resumed_at is not None:
+    optimizer = _optimizer(cfg, [p for p in encoder.parameters() if p.requires_grad], device)
+    if folder:
         load_optimizer_and_rng(folder, optimizer, encoder if fsdp else None)
-        iteration = resumed_at
-        if rank0:
-            log.info("resumed from %s at iteration %d", folder, iteration)
-    if rank0:  # only now: a refused resume leaves the run directory as it was
-        os.makedirs(save, exist_ok=True)
-        write_resolved_config(cfg)
+    iteration = resumed_at or 0
+    open_run_directory(cfg, folder, iteration)
+    if rank == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items())
-        log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks%s",
+        log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks%s%s",
                  len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp,
-                 f" (skipped {sum(data.skipped.values())} rows: {skipped})" if skipped else "")
+                 " (FSDP)" if fsdp else "", f" (skipped {sum(data.skipped.values())} rows: {skipped})" if skipped else "")
 
     inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image)
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
                              cfg.train.micro_batch_size)
-    loader = step_loader(steps, iteration, cfg.data.num_workers)
-    step_fn = ContrastiveStep(encoder, cfg.objective, device, autocast=cfg.model.compute_dtype == "bfloat16")
-    metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
-    window = ThroughputWindow(dp, device_peak_tflops(cfg.logging.peak_tflops))
-    warmup, decay = cfg.warmup_iters(train_iters), cfg.decay_iters(train_iters)
-    o = cfg.optim
-    cadence = Cadence(train_iters, cfg.logging.log_interval, cfg.checkpoint.save_interval, cfg.train.exit_interval)
-    record: Dict[str, float] = {}
-    last_saved = last_started = iteration
-    try:
-        while iteration < train_iters:
-            start = time.perf_counter()
-            step = next(loader)
-            if fsdp:
-                step = pad_negative_chunks(step, device)
-            data_seconds = time.perf_counter() - start
-            lr = learning_rate(iteration, o.lr, o.min_lr, warmup, decay, o.lr_decay_style)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=False)  # keep the buffers: sum_gradients fills a missing one once
-            loss, parts, chunked = step_fn(step)
-            if not fsdp:
-                sum_gradients(params, mean=cfg.parallel.gradient_reduction == "mean")
-            grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(
-                params, o.clip_grad if o.clip_grad > 0 else float("inf"))))
-            loss_value = float(loss)
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-                raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at iteration "
-                                    f"{iteration + 1}; the run stopped, its last checkpoint ({last_saved}) is intact "
-                                    "- lower optim.lr or check the data")
-            optimizer.step()
-            iteration += 1
-            counts = torch.tensor([float(step["tokens"]), _step_flops(model_cfg, step, chunked)], dtype=torch.float64,
-                                  device=device)
-            if dp > 1:
-                dist.all_reduce(counts)
-            window.add(time.perf_counter() - start, data_seconds, counts[0].item(), counts[1].item())
-            if cadence.logs(iteration):
-                record = {"step": iteration, "loss": loss_value, "contrastive_loss": parts["contrastive_loss"],
-                          "accuracy": parts["accuracy"], "lr": lr, "grad_norm": grad_norm, **window.take()}
-                if rank0:
-                    metrics.write(record)
-                    log.info(log_line(record, train_iters))
-            if cadence.saves(iteration):
-                save_checkpoint(save, cfg.model.path, model, optimizer, iteration, identity, embedding,
-                                encoder if fsdp else None)
-                last_saved = iteration
-                if rank0:
-                    log.info("saved iteration %d to %s", iteration, save)
-            if cadence.exits(iteration):
-                if rank0:
-                    log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
-                break
-        release_done = os.path.isfile(os.path.join(save, RELEASE, "config.json"))
-        if iteration >= train_iters and (iteration > last_started or not release_done):
-            release_name = cfg.checkpoint.release_dtype or starting_dtype(base_config)
-            folder = write_release(save, cfg.model.path, model, DTYPES[release_name], embedding, tied)
-            if rank0:
-                log.info("release: %s (%s)", folder, release_name)
-    finally:
-        if metrics is not None:
-            metrics.close()
-    return record
+    stage = Stage2(cfg, model, encoder, optimizer, step_loader(steps, iteration, cfg.data.num_workers), train_iters,
+                   identity, embedding, tied, base_config, device)
+    return train(stage, LoopSettings.of(cfg, train_iters, dp), iteration)

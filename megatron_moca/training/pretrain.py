@@ -5,8 +5,9 @@
     data      Stage1Loader (per DP rank) -> packed rows -> micro-batches (training/batches.py)
     step      megatron's get_forward_backward_func (no pipelining / 1F1B), joint MLM + MAE loss on the
               last stage normalised by the global batch's masked-token and masked-value counts
-    record    metrics.jsonl + one log line per log_interval; checkpoints every save_interval and at the
-              end; automatic exact resume from <save>'s latest checkpoint
+    loop      training/loop.py (shared with stage 2): the guard before the update, metrics.jsonl + one log
+              line per log_interval, checkpoints every save_interval and at the end; automatic exact
+              resume from <save>'s latest checkpoint
 Small entry point after torchtitan's train.py / trainer.py and Megatron-LM's run_simple_mcore_train_loop.py.
 """
 
@@ -14,37 +15,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_moca.config.loading import to_dict
 from megatron_moca.config.pretrain import PretrainConfig
-from megatron_moca.errors import UserError
-from megatron_moca.training.cadence import Cadence
+from megatron_moca.training.loop import NonFiniteStep, StepOutput
 
 log = logging.getLogger("megatron_moca.train")
-
-CONFIG_FILE = "config.yaml"
-
-
-class TrainingError(UserError):
-    """The run cannot go on (e.g. a non-finite loss); the last checkpoint is intact."""
-
-
-def write_resolved_config(cfg) -> None:
-    """<save>/config.yaml: the run's config as resolved (file + overrides + defaults), replaced atomically."""
-    import yaml
-
-    path = os.path.join(cfg.checkpoint.save, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def build_model(cfg: PretrainConfig, device: torch.device, starting_weights: bool = True):
@@ -105,109 +85,104 @@ def _reduce_step(losses, local_flops: float, layout, dtype=torch.float64) -> Dic
     return {"mlm_sum": mlm, "mae_sum": mae, "flops": flops}
 
 
+class Stage1:
+    """Stage 1's side of the training loop (training/loop.py): megatron's forward-backward schedule over
+    the micro-batches of the global batch, its optimizer step, its dist checkpoint."""
+
+    def __init__(self, cfg: PretrainConfig, layout, model, ddp_model, optimizer, scheduler, loader, batches):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.cfg, self.layout, self.model, self.ddp_model = cfg, layout, model, ddp_model
+        self.optimizer, self.scheduler, self.loader, self.batches = optimizer, scheduler, loader, batches
+        self.forward_backward_func = get_forward_backward_func()
+        self.num_micro = cfg.num_microbatches(layout.world_size)
+        self.seq_length = -(-cfg.data.pack_length // cfg.data.pad_to_multiple) * cfg.data.pad_to_multiple
+        self.skipped_updates = 0  # fp16 loss-scale overflows since the last record
+
+    def forward_backward(self, iteration: int) -> StepOutput:
+        from megatron_moca.training.flops import step_shape_of, training_step_flops
+
+        cfg = self.cfg
+        step = next(self.batches)
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        try:
+            losses = self.forward_backward_func(
+                forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
+                data_iterator=iter(step.micro_batches), model=[self.ddp_model], num_microbatches=self.num_micro,
+                seq_length=self.seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+        except RuntimeError as e:  # megatron's gradient check (check_for_nan_in_grad)
+            if "found NaN" not in str(e) and "found Inf" not in str(e):
+                raise
+            raise NonFiniteStep("gradient", "NaN/Inf") from None
+        local_flops = sum(training_step_flops(cfg.model, step_shape_of(b, cfg.model.attention == "causal"))
+                          for b in step.micro_batches)
+        sums = _reduce_step(losses, local_flops, self.layout)
+        mlm = sums["mlm_sum"] / max(step.mlm_tokens, 1)
+        mae = sums["mae_sum"] / step.mae_values if step.mae_values else 0.0
+        return StepOutput(loss=mlm + cfg.objective.mae_weight * mae, lr=self.optimizer.param_groups[0]["lr"],
+                          tokens=step.tokens, flops=sums["flops"], data_seconds=step.data_seconds,
+                          parts={"mlm_loss": mlm, "mae_loss": mae})
+
+    def apply_update(self) -> Optional[float]:
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        else:
+            self.skipped_updates += 1
+        return float(grad_norm) if grad_norm is not None else None
+
+    def extra_metrics(self) -> Dict[str, object]:
+        layout = self.layout
+        reads = self.batches.replica_source in (None, layout.rank)
+        extra = {"skipped_updates": self.skipped_updates,
+                 "skipped_samples": _skipped_samples(self.loader, reads, layout.device)}
+        self.skipped_updates = 0
+        return extra
+
+    def save(self, iteration: int) -> None:
+        from megatron_moca.training.state import save_training_checkpoint
+
+        save_training_checkpoint(self.cfg, self.layout, self.model, self.optimizer, self.scheduler, iteration,
+                                 self.loader.state_dict())
+
+    def finish(self, iteration: int) -> None:
+        pass  # the cadence saved the last iteration
+
+
 def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     """Run (or resume) stage 1; returns the last logged metrics record."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_moca.data.loader import Stage1Loader, stage1_builder_factory
     from megatron_moca.distributed import runtime
     from megatron_moca.training.batches import StepBatches
-    from megatron_moca.training.flops import step_shape_of, training_step_flops
-    from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
+    from megatron_moca.training.loop import LoopSettings, open_run_directory, train
     from megatron_moca.training.optimizer import setup
-    from megatron_moca.training.state import has_checkpoint, load_training_checkpoint, save_training_checkpoint
+    from megatron_moca.training.state import has_checkpoint, load_training_checkpoint
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
     p = cfg.parallel
     layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed)
-    rank0 = layout.rank == 0
-    save = cfg.checkpoint.save
-    resuming = has_checkpoint(save)
+    resuming = has_checkpoint(cfg.checkpoint.save)
     model = build_model(cfg, layout.device, starting_weights=not resuming)
     ddp_model, optimizer, scheduler = setup(cfg, model)
-    iteration, loader_state = 0, None
+    iteration, loader_state, resumed_from = 0, None, None
     if resuming:
         resumed = load_training_checkpoint(cfg, layout, model, optimizer, scheduler)
-        iteration, loader_state = resumed.iteration, resumed.loader_state
-        if rank0:
-            log.info("resumed from %s at iteration %d", resumed.folder, iteration)
-    if rank0:  # only now: a resume refused above leaves the run directory as it was
-        os.makedirs(save, exist_ok=True)
-        write_resolved_config(cfg)
+        iteration, loader_state, resumed_from = resumed.iteration, resumed.loader_state, resumed.folder
+    open_run_directory(cfg, resumed_from, iteration)
 
-    num_micro = cfg.num_microbatches(world)
     tokens = cfg.model.tokens
     loader = Stage1Loader(cfg.data, stage1_builder_factory(cfg.tokenizer, cfg.sample), tokens.pad_token_id,
                           tokens.image_token_id, layout.dp_rank, layout.data_parallel_size, state=loader_state)
     replica_group, source = _replica_source(layout)
-    batches = StepBatches(iter(loader) if source in (None, layout.rank) else None, num_micro,
+    batches = StepBatches(iter(loader) if source in (None, layout.rank) else None, cfg.num_microbatches(world),
                           cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
                           _image_decoder(cfg), ps.get_data_parallel_group(), replica_group, source)
-    seq_length = -(-cfg.data.pack_length // cfg.data.pad_to_multiple) * cfg.data.pad_to_multiple
-    forward_backward = get_forward_backward_func()
-    metrics = MetricsWriter(save, iteration, cfg.logging.tensorboard_dir) if rank0 else None
-    window = ThroughputWindow(world, device_peak_tflops(cfg.logging.peak_tflops))
-    cadence = Cadence(cfg.train.train_iters, cfg.logging.log_interval, cfg.checkpoint.save_interval,
-                      cfg.train.exit_interval)
-    skipped = 0  # fp16 loss-scale overflows since the last log line
-    record: Dict[str, float] = {}
-    last_saved = iteration
-    try:
-        while iteration < cfg.train.train_iters:
-            start = time.perf_counter()
-            step = next(batches)
-            ddp_model.zero_grad_buffer()
-            optimizer.zero_grad()
-            try:
-                losses = forward_backward(
-                    forward_step_func=functools.partial(_forward_step, cfg=cfg, step=step),
-                    data_iterator=iter(step.micro_batches), model=[ddp_model], num_microbatches=num_micro,
-                    seq_length=seq_length, micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
-            except RuntimeError as e:  # megatron's gradient check (check_for_nan_in_grad)
-                if "found NaN" not in str(e) and "found Inf" not in str(e):
-                    raise
-                raise _diverged(iteration + 1, "gradient", "NaN/Inf", cfg, last_saved) from None
-            local_flops = sum(training_step_flops(cfg.model, step_shape_of(b, cfg.model.attention == "causal"))
-                              for b in step.micro_batches)
-            sums = _reduce_step(losses, local_flops, layout)
-            mlm = sums["mlm_sum"] / max(step.mlm_tokens, 1)
-            mae = sums["mae_sum"] / step.mae_values if step.mae_values else 0.0
-            loss = mlm + cfg.objective.mae_weight * mae
-            if not math.isfinite(loss):  # decided before the update: the weights stay those of a finite step
-                raise _diverged(iteration + 1, "loss", loss, cfg, last_saved)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-            updated, grad_norm, _ = optimizer.step()
-            if updated:
-                scheduler.step(increment=1)
-            iteration += 1
-            if grad_norm is not None and not math.isfinite(grad_norm):  # finite gradients whose norm overflowed
-                raise _diverged(iteration, "gradient norm", grad_norm, cfg, last_saved)
-            window.add(time.perf_counter() - start, step.data_seconds, step.tokens, sums["flops"])
-            skipped += 0 if updated else 1
-            if cadence.logs(iteration):
-                record = {"step": iteration, "loss": loss, "mlm_loss": mlm, "mae_loss": mae, "lr": lr,
-                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          **window.take(), "skipped_updates": skipped,
-                          "skipped_samples": _skipped_samples(loader, source in (None, layout.rank), layout.device)}
-                skipped = 0
-                if rank0:
-                    metrics.write(record)
-                    log.info(log_line(record, cfg.train.train_iters))
-            if cadence.saves(iteration):
-                save_training_checkpoint(cfg, layout, model, optimizer, scheduler, iteration, loader.state_dict())
-                last_saved = iteration
-                if rank0:
-                    log.info("saved iteration %d to %s", iteration, save)
-            if cadence.exits(iteration):
-                if rank0:
-                    log.info("train.exit_interval=%d: stopping at iteration %d", cfg.train.exit_interval, iteration)
-                break
-    finally:
-        if metrics is not None:
-            metrics.close()
-    return record
+    stage = Stage1(cfg, layout, model, ddp_model, optimizer, scheduler, loader, batches)
+    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world), iteration)
 
 
 def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:
@@ -221,16 +196,6 @@ def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:
     if dist.get_world_size() > 1:
         dist.all_reduce(totals[:len(SKIP_REASONS)])
     return {kind: int(n) for kind, n in zip(kinds, totals.tolist()) if n}
-
-
-def _diverged(iteration: int, what: str, value, cfg, last_saved: int) -> "TrainingError":
-    """The one-line stop of a run whose step went non-finite; the last checkpoint was written before it."""
-    from megatron_moca.checkpointing import iteration_dir
-
-    last = (f"the last good checkpoint is {iteration_dir(cfg.checkpoint.save, last_saved)}" if last_saved
-            else "no checkpoint was written yet")
-    return TrainingError(f"non-finite {what} ({value}) at iteration {iteration}: the run stopped before applying it; "
-                         f"{last} - lower optim.lr or check the data")
 
 
 def _replica_source(layout):

@@ -1,12 +1,12 @@
-"""distributed/cpu.py: the one place megatron-core's CUDA assumptions are adapted for CPU runs."""
+"""compat.adapt_megatron_to_cpu: megatron-core's CUDA assumptions answered for CPU runs."""
 
 import torch
 
-from megatron_moca.distributed import cpu
+from megatron_moca import compat
 
 
 def test_cuda_devices_are_rewritten_to_cpu(megatron_runtime):
-    assert cpu.installed() and not torch.cuda.is_available()
+    assert compat.cpu_adapted() and not torch.cuda.is_available()
     assert torch.empty(2, device="cuda").device.type == "cpu"
     assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
     x = torch.ones(3)
@@ -19,7 +19,7 @@ def test_cuda_devices_are_rewritten_to_cpu(megatron_runtime):
 def test_rng_tracker_forks_cpu_state_with_megatron_names(megatron_runtime):
     from megatron.core.tensor_parallel import random as mp_random
 
-    cpu.manual_seed(123, tp_rank=0)
+    compat.manual_seed(123, tp_rank=0)
     tracker = mp_random.get_cuda_rng_tracker()
     assert set(tracker.get_states()) == {mp_random._DATA_PARALLEL_RNG_TRACKER_NAME,
                                          mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME,
@@ -31,10 +31,10 @@ def test_rng_tracker_forks_cpu_state_with_megatron_names(megatron_runtime):
     with tracker.fork():
         b = torch.rand(4)
     assert not torch.equal(a, b)  # the forked stream advanced
-    cpu.manual_seed(123, tp_rank=0)
+    compat.manual_seed(123, tp_rank=0)
     with mp_random.get_cuda_rng_tracker().fork():
         assert torch.equal(torch.rand(4), a)  # reseeding reproduces it
-    cpu.manual_seed(123, tp_rank=1)
+    compat.manual_seed(123, tp_rank=1)
     with mp_random.get_cuda_rng_tracker().fork():
         assert not torch.equal(torch.rand(4), a)  # another TP rank draws differently (dropout in TP regions)
 

@@ -1,7 +1,6 @@
 """With megatron-core's fused SwiGLU (on by default where CUDA is available) the model computes what
 it computes with the plain ops: outputs and gradients, ViT (with MLP biases) and LLM."""
 
-import pytest
 import torch
 from helpers import build_batch, hidden_and_grads, tiny_config
 

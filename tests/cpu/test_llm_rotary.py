@@ -1,4 +1,4 @@
-"""The language model's rotary (models/rotary.py, use_for_megatron_attention) against megatron-core's."""
+"""The language model's rotary (models/rotary.py, compat.route_megatron_rotary) against megatron-core's."""
 
 import pytest
 import torch
@@ -13,10 +13,10 @@ def test_megatron_attention_rotary_is_bit_identical_and_falls_back(megatron_runt
     from megatron.core.transformer import attention
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_moca.models.rotary import use_for_megatron_attention
+    from megatron_moca import compat
 
-    use_for_megatron_attention()
-    use_for_megatron_attention()  # idempotent
+    compat.route_megatron_rotary()
+    compat.route_megatron_rotary()  # idempotent
     ours = attention.apply_rotary_pos_emb
     assert ours is not megatron_rope and getattr(ours, "_moca_half_rotary", False)
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, mrope_section=[2, 3, 3])

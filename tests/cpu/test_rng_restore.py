@@ -40,7 +40,7 @@ def test_stage1_checkpoint_restores_the_rng_states(megatron_runtime, tmp_path, m
 
     # the pytest process must not keep megatron's checkpoint Manager server (compat.tie_helpers_to_this_process)
     # alive for the later tests' worker pools: the saves here need no helper that outlives a kill
-    monkeypatch.setattr(compat, "_installed", True)
+    monkeypatch.setattr(compat, "_applied", compat._applied | {"tie_helpers_to_this_process"})
     shards = write_stage1_shards(tmp_path / "shards", documents=4)
     cfg = load_pretrain_config(os.path.join(REPO, "examples", "pretrain_tiny_cpu.yaml"),
                                [f"data.paths={shards}", f"checkpoint.save={tmp_path / 'run'}"])
