@@ -294,13 +294,18 @@ def synthetic_pictures():
 def stopped_and_resumed(args, save, stop_at):
     """Run `moca *args` to train.exit_interval=stop_at, rerun it to the end (an automatic resume), and
     return the run's metrics.jsonl records."""
-    import json
-
     first = run_moca(*args, f"train.exit_interval={stop_at}")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_moca(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr
+    return read_metrics(save)
+
+
+def read_metrics(save):
+    """The records of a run directory's metrics.jsonl."""
+    import json
+
     with open(os.path.join(save, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import REPO, run_moca, run_torchrun, write_pairs
+from helpers import REPO, read_metrics, run_moca, run_torchrun, write_pairs
 
 SMALL = ["model.compute_dtype=float32", "train.global_batch_size=4", "data.max_length=128", "data.num_workers=1",
          "data.image.min_pixels=3136", "data.image.max_pixels=12544", "logging.log_interval=1"]
@@ -22,11 +22,6 @@ def _finetune(tiny_hf_dir, pairs, save, *more):
                     *more)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _metrics(save):
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _training_loss(model_dir, pairs):
@@ -56,7 +51,7 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
                                         "latest_checkpointed_iteration.txt", "metrics.jsonl", "release"] + \
         (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "12"
-    records = _metrics(save)
+    records = read_metrics(save)
     assert [r["step"] for r in records] == [4, 8, 12]
     for key in ("loss", "contrastive_loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu",
                 "tflops_per_gpu", "mfu", "mem_gib", "data_wait_frac"):
@@ -86,11 +81,11 @@ def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
     common = ["train.train_iters=7", "optim.lr=2e-4", "checkpoint.save_interval=3"]
     _finetune(tiny_hf_dir, pairs, straight, *common)
     _finetune(tiny_hf_dir, pairs, stopped, *common, "train.exit_interval=4")
-    assert [r["step"] for r in _metrics(stopped)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3, 4]
     os.makedirs(os.path.join(stopped, "iter_0000006.partial"))  # a save cut short by a kill: ignored, replaced
     resumed = _finetune(tiny_hf_dir, pairs, stopped, *common)
     assert "resumed from" in resumed.stderr and "iter_0000004" in resumed.stderr
-    a, b = _metrics(straight), _metrics(stopped)
+    a, b = read_metrics(straight), read_metrics(stopped)
     assert [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in a] == \
         [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in b]
     assert not os.path.exists(os.path.join(stopped, "iter_0000006.partial"))
@@ -108,8 +103,8 @@ def test_grad_cache_and_two_data_parallel_ranks_equal_one_pass(tiny_hf_dir, pair
                             f"data.paths={pairs}", f"checkpoint.save={dp2}", *SMALL, *common, *more)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= set(os.listdir(os.path.join(dp2, "iter_0000002")))
-    base = _metrics(one)
-    for other in (_metrics(chunked), _metrics(dp2)):
+    base = read_metrics(one)
+    for other in (read_metrics(chunked), read_metrics(dp2)):
         assert len(other) == len(base) == 3
         for x, y in zip(base, other):
             assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)

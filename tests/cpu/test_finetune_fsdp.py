@@ -4,13 +4,12 @@ between ranks), text-only and image rows on different ranks, HSDP; bit-exact res
 resume at another; the release equals the replicated path's and MocaEmbedder loads it; the gradient scale
 of parallel.gradient_reduction."""
 
-import json
 import os
 import shutil
 
 import pytest
 
-from helpers import REPO, run_moca, run_torchrun, write_pairs
+from helpers import REPO, read_metrics, run_moca, run_torchrun, write_pairs
 
 SMALL = ["model.compute_dtype=float32", "train.global_batch_size=4", "data.max_length=128", "data.num_workers=0",
          "data.image.min_pixels=3136", "data.image.max_pixels=12544", "logging.log_interval=1", "train.train_iters=3",
@@ -28,11 +27,6 @@ def _run(nproc, tiny_hf_dir, pairs, save, *more):
     proc = run_torchrun(nproc, CLI, *args) if nproc > 1 else run_moca(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _metrics(save):
-    with open(os.path.join(save, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _assert_same_training(base, other):
@@ -78,11 +72,11 @@ def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, repl
     shutil.copytree(stopped, resharded)
     resumed = _run(2, tiny_hf_dir, pairs, stopped, "parallel.fsdp=true")
     assert "resumed from" in resumed.stderr
-    assert _numbers(_metrics(stopped)) == _numbers(_metrics(straight))  # bit for bit
-    _assert_same_training(_metrics(replicated), _metrics(straight))
+    assert _numbers(read_metrics(stopped)) == _numbers(read_metrics(straight))  # bit for bit
+    _assert_same_training(read_metrics(replicated), read_metrics(straight))
     # another world size: the shards are redistributed, the global batches stay the same
     _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true")
-    _assert_same_training(_metrics(replicated), _metrics(resharded))
+    _assert_same_training(read_metrics(replicated), read_metrics(resharded))
     # a replicated run does not take an FSDP checkpoint (nor the reverse)
     proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={stopped}",
                     *SMALL, "train.train_iters=4")
@@ -99,7 +93,7 @@ def test_fsdp_with_grad_cache_and_hsdp_trains_as_one_process(tiny_hf_dir, pairs,
     for nproc, more in ((2, []), (4, ["parallel.fsdp_shard_size=2"])):
         save = str(tmp_path / f"fsdp{nproc}")
         _run(nproc, tiny_hf_dir, pairs, save, "parallel.fsdp=true", "train.micro_batch_size=1", *more)
-        _assert_same_training(_metrics(replicated), _metrics(save))
+        _assert_same_training(read_metrics(replicated), read_metrics(save))
 
 
 def test_fsdp_release_equals_the_replicated_release(pairs, replicated, fsdp2):
@@ -127,6 +121,6 @@ def test_gradient_reduction_mean_is_the_references_scale(tiny_hf_dir, pairs, rep
     save = str(tmp_path / "mean")
     _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={str(fsdp).lower()}", "parallel.gradient_reduction=mean",
          "train.train_iters=1")
-    first, base = _metrics(save)[0], _metrics(replicated)[0]
+    first, base = read_metrics(save)[0], read_metrics(replicated)[0]
     assert first["loss"] == pytest.approx(base["loss"], rel=1e-5)
     assert first["grad_norm"] == pytest.approx(base["grad_norm"] / 2, rel=1e-4)
