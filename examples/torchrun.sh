@@ -2,6 +2,8 @@
 # Stage 1 or stage 2 on one node: every GPU a process.
 #   examples/torchrun.sh pretrain examples/pretrain_qwen25vl_3b.yaml data.paths=/data/shards checkpoint.save=/runs/s1
 #   examples/torchrun.sh finetune examples/finetune_qwen25vl_3b.yaml model.path=/ckpt/s1_hf data.paths=/data/MMEB-train
+#   examples/torchrun.sh finetune examples/finetune_qwen25vl_7b.yaml ...   (FSDP2 over the node's GPUs: 8 x 80 GB)
+#   NPROC=2 examples/torchrun.sh finetune examples/finetune_tiny_cpu.yaml ... parallel.fsdp=true   (FSDP on gloo)
 # On a CPU machine, NPROC=2 runs two gloo processes (e.g. with examples/*_tiny_cpu.yaml).
 set -euo pipefail
 COMMAND=${1:?pretrain or finetune}
