@@ -33,7 +33,7 @@ setup(
         # cairosvg draws the SVG stamps of the Tux Paint evaluation set
         # pytrec-eval-terrier: trec_eval's own code, the reference the retrieval metrics are tested against
         "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow", "cairosvg",
-                "pytrec-eval-terrier"],
+                "pytrec-eval-terrier", "sentence-transformers"],
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

@@ -236,6 +236,30 @@ def write_embedding_settings(folder: str, min_pixels: int, max_pixels: int, max_
                      size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     with open(path, "w") as f:
         json.dump(processor, f, indent=1)
+    write_sentence_transformers_files(folder)
+
+
+# sentence-transformers prompts (prefixes; "<img>" marks where an input's image goes, else it goes first):
+# MoCa embeds queries and text documents as given and document pages with this instruction (spec
+# moca-method.md, "Prompts"; eval/retrieval.py uses the same)
+ST_PROMPTS = {"query": "", "document": "", "image_document": "<img>\nRepresent the given document image."}
+ST_MODULE = "moca_sentence_transformers"
+
+
+def write_sentence_transformers_files(folder: str) -> None:
+    """modules.json + config_sentence_transformers.json + the module's code (embed/moca_sentence_transformers.py,
+    torch and transformers only), so that `SentenceTransformer(folder, trust_remote_code=True)` embeds as
+    MocaEmbedder does."""
+    import shutil
+
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embed", ST_MODULE + ".py")
+    shutil.copyfile(source, os.path.join(folder, ST_MODULE + ".py"))
+    files = {"modules.json": [{"idx": 0, "name": "0", "path": "", "type": f"{ST_MODULE}.MocaEmbedding"}],
+             "config_sentence_transformers.json": {"prompts": ST_PROMPTS, "default_prompt_name": None,
+                                                   "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=1)
 
 
 def read_embedding_settings(folder: str) -> dict:

@@ -89,8 +89,9 @@ def _numbers(records):
 
 def test_fsdp_with_grad_cache_and_hsdp_trains_as_one_process(tiny_hf_dir, pairs, replicated, tmp_path):
     """One input per GradCache chunk: ranks embed different numbers of hard-negative chunks (padded); on 4
-    ranks each holds one pair, so some ranks' chunks are text-only while others' have images."""
-    for nproc, more in ((2, []), (4, ["parallel.fsdp_shard_size=2"])):
+    ranks each holds one pair, so some ranks' chunks are text-only while others' have images. The 2-rank
+    run also recomputes each layer in the backward (model.gradient_checkpointing)."""
+    for nproc, more in ((2, ["model.gradient_checkpointing=true"]), (4, ["parallel.fsdp_shard_size=2"])):
         save = str(tmp_path / f"fsdp{nproc}")
         _run(nproc, tiny_hf_dir, pairs, save, "parallel.fsdp=true", "train.micro_batch_size=1", *more)
         _assert_same_training(read_metrics(replicated), read_metrics(save))
@@ -124,3 +125,16 @@ def test_gradient_reduction_mean_is_the_references_scale(tiny_hf_dir, pairs, rep
     first, base = read_metrics(save)[0], read_metrics(replicated)[0]
     assert first["loss"] == pytest.approx(base["loss"], rel=1e-5)
     assert first["grad_norm"] == pytest.approx(base["grad_norm"] / 2, rel=1e-4)
+
+
+def test_fsdp_in_bf16_trains_as_the_replicated_bf16_run(tiny_hf_dir, pairs, tmp_path):
+    """bf16 compute: FSDP casts the fp32 master weights to bf16 for each unit (MixedPrecisionPolicy), the
+    replicated path autocasts; both round differently, so the losses agree to bf16's precision."""
+    runs = []
+    for nproc, more in ((1, []), (2, ["parallel.fsdp=true"])):
+        save = str(tmp_path / f"bf16_{nproc}")
+        _run(nproc, tiny_hf_dir, pairs, save, "model.compute_dtype=bfloat16", "train.train_iters=2", *more)
+        runs.append(read_metrics(save))
+    for x, y in zip(*runs):
+        assert y["loss"] == pytest.approx(x["loss"], rel=3e-2)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=3e-2)
