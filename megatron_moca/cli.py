@@ -210,6 +210,20 @@ def _cmd_data_standin(args) -> int:
     return 0
 
 
+def _record_in_model_card(model: str, task: str, data: str, metrics: dict, log) -> None:
+    """A MoCa folder (one with moca_embedding.json) gets the scores in its moca_results.json and model card."""
+    from megatron_moca.conversion.hf_io import EMBEDDING_FILE
+    from megatron_moca.embed.model_card import add_results, write_model_card
+
+    if not os.path.isfile(os.path.join(model, EMBEDDING_FILE)):
+        return
+    if not os.access(model, os.W_OK):
+        log(f"{model} is read-only: its model card does not get these scores")
+        return
+    add_results(model, task, os.path.abspath(data), metrics)
+    log(f"updated {write_model_card(model)}")
+
+
 def _cmd_eval(args) -> int:
     from megatron_moca.data.image_processing import ImageProcessingConfig
     from megatron_moca.embed.embedder import MocaEmbedder
@@ -248,6 +262,7 @@ def _cmd_eval(args) -> int:
         title = f"moca eval --task {args.task}: {args.model} on {args.data}"
         tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(os.path.normpath(args.model)))
         log(f"wrote {write_outputs(args.output, metrics, title, per_query, run, tag=tag or 'moca')}")
+        _record_in_model_card(args.model, args.task, args.data, metrics, log)
     print(json.dumps(metrics))
     return 0
 

@@ -186,13 +186,33 @@ class Stage2:
     def extra_metrics(self) -> Dict[str, object]:
         return {}
 
-    def save(self, iteration: int) -> None:
+    def save(self, iteration: int, consumed_tokens: float) -> None:
         from megatron_moca.training.finetune_state import save_checkpoint
 
         save_checkpoint(self.cfg.checkpoint.save, self.cfg.model.path, self.model, self.optimizer, iteration,
-                        self.identity, self.embedding, self.encoder if self.fsdp else None)
+                        self.identity, self.embedding, self.encoder if self.fsdp else None, consumed_tokens)
 
-    def finish(self, iteration: int) -> None:
+    def _training_record(self, iteration: int, consumed_tokens: float, release_dtype: str) -> dict:
+        """What the release's moca_training.json and model card say about the run (no timestamps: a rerun
+        writes the same files)."""
+        from megatron_moca import __version__
+
+        c = self.cfg
+        return {"stage": "MoCa stage 2: heterogeneous contrastive fine-tuning", "base_model": self.identity["model_path"],
+                "steps": iteration, "consumed_tokens": int(consumed_tokens), "global_batch_size": c.train.global_batch_size,
+                "data_parallel_ranks": dist.get_world_size(), "sharding": "fsdp" if self.fsdp else "replicated",
+                "release_dtype": release_dtype, "megatron_moca": __version__,
+                "data": {"paths": [os.path.abspath(p) for p in c.data.paths], "subsets": self.identity["subsets"],
+                         "sampler": c.data.sampler},
+                "hyperparameters": {"lr": c.optim.lr, "min_lr": c.optim.min_lr, "lr_decay_style": c.optim.lr_decay_style,
+                                    "lr_warmup_fraction": c.optim.lr_warmup_fraction, "weight_decay": c.optim.weight_decay,
+                                    "clip_grad": c.optim.clip_grad, "gradient_reduction": c.parallel.gradient_reduction,
+                                    "temperature": c.objective.temperature, "hard_negatives": c.objective.hard_negatives,
+                                    "max_length": c.data.max_length, "min_pixels": c.data.image.min_pixels,
+                                    "max_pixels": c.data.image.max_pixels, "compute_dtype": c.model.compute_dtype,
+                                    "micro_batch_size": c.train.micro_batch_size}}
+
+    def finish(self, iteration: int, consumed_tokens: float) -> None:
         """The release, once the last iteration is done (again if this invocation trained, or if a kill
         cut the previous one short)."""
         from megatron_moca.models.transformer_configs import DTYPES
@@ -204,7 +224,8 @@ class Stage2:
         if iteration < self.train_iters or (done and not trained):
             return
         name = self.cfg.checkpoint.release_dtype or starting_dtype(self.base_config)
-        folder = write_release(save, self.cfg.model.path, self.model, DTYPES[name], self.embedding, self.tied)
+        folder = write_release(save, self.cfg.model.path, self.model, DTYPES[name], self.embedding, self.tied,
+                               self._training_record(iteration, consumed_tokens, name))
         if dist.get_rank() == 0:
             log.info("release: %s (%s)", folder, name)
 
@@ -238,8 +259,9 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     torch.manual_seed(cfg.train.seed + rank)
     fsdp = cfg.parallel.fsdp
     folder = iteration_dir(cfg.checkpoint.save, resumed_at) if resumed_at is not None else None
+    consumed = 0.0
     if folder:
-        check_resumable(folder, identity, reshardable=fsdp)
+        consumed = float(check_resumable(folder, identity, reshardable=fsdp).get("consumed_tokens", 0.0))
     # an FSDP checkpoint holds no HF folder: the base model is loaded, then the checkpoint's shards over it
     model = _load_model(folder if folder and not fsdp else cfg.model.path, cfg, device)
     tied = lm_head_is_tied(model)
@@ -266,4 +288,4 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                              cfg.train.micro_batch_size)
     stage = Stage2(cfg, model, encoder, optimizer, step_loader(steps, iteration, cfg.data.num_workers), train_iters,
                    identity, embedding, tied, base_config, device)
-    return train(stage, LoopSettings.of(cfg, train_iters, dp), iteration)
+    return train(stage, LoopSettings.of(cfg, train_iters, dp), iteration, consumed)

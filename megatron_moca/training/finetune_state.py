@@ -94,7 +94,7 @@ def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype, embedding
 
 
 def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, identity: Dict[str, object],
-                    embedding: Optional[dict] = None, encoder=None) -> str:
+                    embedding: Optional[dict] = None, encoder=None, consumed_tokens: float = 0.0) -> str:
     """Write iter_<iteration>/ (collective over the data-parallel ranks) and move the tracker to it.
     encoder: the FSDP-sharded PooledEncoder (None: a replicated run)."""
     rank = dist.get_rank()
@@ -111,7 +111,8 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
         _save_replicated(staging, base, model, optimizer, embedding)
     if rank == 0:
         with open(os.path.join(staging, STATE_FILE), "w") as f:
-            json.dump({"iteration": iteration, "world_size": dist.get_world_size(), **identity}, f, indent=2)
+            json.dump({"iteration": iteration, "world_size": dist.get_world_size(), "consumed_tokens": consumed_tokens,
+                       **identity}, f, indent=2)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # a same-numbered folder of a run killed before its tracker moved
@@ -193,9 +194,9 @@ def load_optimizer_and_rng(folder: str, optimizer, encoder=None) -> None:
 
 
 def write_release(save: str, base: str, model, dtype: torch.dtype, embedding: Optional[dict] = None,
-                  tied: Optional[bool] = None) -> str:
+                  tied: Optional[bool] = None, training: Optional[dict] = None) -> str:
     """<save>/release/ (written by rank 0; collective with FSDP), replacing an older one only once the new
-    one is complete."""
+    one is complete; `training` (what the run did) goes into moca_training.json and the model card."""
     folder = os.path.join(save, RELEASE)
     staging = folder + ".partial"
     if dist.get_rank() == 0:
@@ -203,6 +204,11 @@ def write_release(save: str, base: str, model, dtype: torch.dtype, embedding: Op
         os.makedirs(staging)
     write_hf_folder(model, base, staging, dtype, embedding, tied)
     if dist.get_rank() == 0:
+        if training is not None:
+            from megatron_moca.embed.model_card import write_model_card, write_training_record
+
+            write_training_record(staging, training)
+            write_model_card(staging)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     dist.barrier()

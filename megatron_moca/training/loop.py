@@ -75,10 +75,11 @@ class Stage(Protocol):
     def extra_metrics(self) -> Dict[str, object]:
         """More numbers for a logged record (collective: every rank calls it on log steps)."""
 
-    def save(self, iteration: int) -> None:
-        """Write the checkpoint of `iteration` (collective) and move the tracker to it."""
+    def save(self, iteration: int, consumed_tokens: float) -> None:
+        """Write the checkpoint of `iteration` (collective) and move the tracker to it; consumed_tokens (all
+        ranks' tokens so far) goes with it."""
 
-    def finish(self, iteration: int) -> None:
+    def finish(self, iteration: int, consumed_tokens: float) -> None:
         """After the last step of this invocation (collective)."""
 
 
@@ -136,8 +137,9 @@ def diverged(iteration: int, what: str, value, save: str, last_saved: int, appli
                          f"{last} - lower optim.lr or check the data")
 
 
-def train(stage: Stage, settings: LoopSettings, iteration: int) -> Dict[str, object]:
-    """Run steps iteration+1 .. train_iters (or to the next exit_interval); returns the last record."""
+def train(stage: Stage, settings: LoopSettings, iteration: int, consumed_tokens: float = 0.0) -> Dict[str, object]:
+    """Run steps iteration+1 .. train_iters (or to the next exit_interval); returns the last record.
+    consumed_tokens: the tokens of the iterations before (a resumed checkpoint's count)."""
     from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
 
     rank0 = dist.get_rank() == 0
@@ -162,15 +164,16 @@ def train(stage: Stage, settings: LoopSettings, iteration: int) -> Dict[str, obj
             if grad_norm is not None and not math.isfinite(grad_norm):  # finite gradients whose norm overflowed
                 raise diverged(iteration, "gradient norm", grad_norm, settings.save, last_saved, applied=True)
             window.add(time.perf_counter() - start, out.data_seconds, out.tokens, out.flops)
+            consumed_tokens += out.tokens
             if cadence.logs(iteration):
                 record = {"step": iteration, "loss": out.loss, **out.parts, "lr": out.lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          **window.take(), **stage.extra_metrics()}
+                          "consumed_tokens": consumed_tokens, **window.take(), **stage.extra_metrics()}
                 if rank0:
                     metrics.write(record)
                     log.info(log_line(record, settings.train_iters))
             if cadence.saves(iteration):
-                stage.save(iteration)
+                stage.save(iteration, consumed_tokens)
                 last_saved = iteration
                 if rank0:
                     log.info("saved iteration %d to %s", iteration, settings.save)
@@ -178,7 +181,7 @@ def train(stage: Stage, settings: LoopSettings, iteration: int) -> Dict[str, obj
                 if rank0:
                     log.info("train.exit_interval=%d: stopping at iteration %d", settings.exit_interval, iteration)
                 break
-        stage.finish(iteration)
+        stage.finish(iteration, consumed_tokens)
     finally:
         if metrics is not None:
             metrics.close()

@@ -140,13 +140,13 @@ class Stage1:
         self.skipped_updates = 0
         return extra
 
-    def save(self, iteration: int) -> None:
+    def save(self, iteration: int, consumed_tokens: float) -> None:
         from megatron_moca.training.state import save_training_checkpoint
 
         save_training_checkpoint(self.cfg, self.layout, self.model, self.optimizer, self.scheduler, iteration,
-                                 self.loader.state_dict())
+                                 self.loader.state_dict(), consumed_tokens)
 
-    def finish(self, iteration: int) -> None:
+    def finish(self, iteration: int, consumed_tokens: float) -> None:
         pass  # the cadence saved the last iteration
 
 
@@ -168,10 +168,11 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     resuming = has_checkpoint(cfg.checkpoint.save)
     model = build_model(cfg, layout.device, starting_weights=not resuming)
     ddp_model, optimizer, scheduler = setup(cfg, model)
-    iteration, loader_state, resumed_from = 0, None, None
+    iteration, loader_state, resumed_from, consumed = 0, None, None, 0.0
     if resuming:
         resumed = load_training_checkpoint(cfg, layout, model, optimizer, scheduler)
         iteration, loader_state, resumed_from = resumed.iteration, resumed.loader_state, resumed.folder
+        consumed = resumed.consumed_tokens
     open_run_directory(cfg, resumed_from, iteration)
 
     tokens = cfg.model.tokens
@@ -182,7 +183,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                           cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
                           _image_decoder(cfg), ps.get_data_parallel_group(), replica_group, source)
     stage = Stage1(cfg, layout, model, ddp_model, optimizer, scheduler, loader, batches)
-    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world), iteration)
+    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world), iteration, consumed)
 
 
 def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:

@@ -30,6 +30,7 @@ class Resumed:
     iteration: int
     loader_state: dict
     folder: str
+    consumed_tokens: float = 0.0
 
 
 def _optimizer_metadata(cfg: PretrainConfig) -> dict:
@@ -68,7 +69,7 @@ def _per_rank_objects(layout: ParallelLayout, loader_state: Optional[dict], rng:
 
 
 def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model, optimizer, scheduler,
-                             iteration: int, loader_state: dict) -> str:
+                             iteration: int, loader_state: dict, consumed_tokens: float = 0.0) -> str:
     """Collective. Writes <save>/iter_XXXXXXX and then moves the tracker to it."""
     metadata = _optimizer_metadata(cfg)
 
@@ -79,7 +80,7 @@ def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     # the plain optimizer's state is keyed by parameter (reshards like the model); the distributed
     # optimizer's only in the fully reshardable layout
     reshardable = not cfg.parallel.use_distributed_optimizer or cfg.checkpoint.optim_fully_reshardable
-    extra = {"iteration": iteration, "layout": _layout_dict(layout), "scheduler": scheduler.state_dict(),
+    extra = {"iteration": iteration, "consumed_tokens": consumed_tokens, "layout": _layout_dict(layout), "scheduler": scheduler.state_dict(),
              "optimizer_metadata": metadata, "optimizer_reshardable": reshardable}
     return save_model(model, cfg.model, cfg.checkpoint.save, iteration, extra=extra,
                       training_state=training_state, content_metadata=metadata)
@@ -160,4 +161,4 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                         f"{len(cfg.data.paths)}: resume with the same data.paths")
     if dist.is_initialized():
         dist.barrier()
-    return Resumed(int(meta["iteration"]), loaded["loader"], folder)
+    return Resumed(int(meta["iteration"]), loaded["loader"], folder, float(meta.get("consumed_tokens", 0.0)))

@@ -74,6 +74,25 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
     embedder = MocaEmbedder(release, device="cpu")  # takes them by default
     assert embedder.inputs.builder.cfg.max_length == 128
     assert (embedder.inputs.builder.cfg.image.min_pixels, embedder.inputs.builder.cfg.image.max_pixels) == (3136, 12544)
+    # the model card: what the run did, then the scores `moca eval --output` measures on the release
+    training = json.load(open(os.path.join(release, "moca_training.json")))
+    assert (training["steps"], training["global_batch_size"], training["data"]["subsets"]) == \
+        (12, 4, {"ImagePairs": 12, "TextPairs": 12})
+    assert training["consumed_tokens"] == records[-1]["consumed_tokens"] > 0
+    assert training["hyperparameters"]["lr"] == 1e-4 and training["hyperparameters"]["temperature"] == 0.03
+    card = open(os.path.join(release, "README.md")).read()
+    assert "library_name: sentence-transformers" in card and "| steps | 12 |" in card and "Not evaluated yet" in card
+    from megatron_moca.eval.beir import write_beir
+
+    data = str(tmp_path / "set")
+    write_beir(data, [{"_id": "d1", "text": "a harbour"}, {"_id": "d2", "text": "a mountain"}],
+               [{"_id": "q1", "text": "harbour"}], ["q1\td1\t1"])
+    proc = run_moca("eval", "--model", release, "--task", "retrieval", "--data", data, "--output", str(tmp_path / "res"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    card = open(os.path.join(release, "README.md")).read()
+    assert f"**retrieval** on `{data}`" in card and f"| ndcg@10 | {metrics['ndcg@10']:.4f} |" in card
+    assert json.load(open(os.path.join(release, "moca_results.json")))[0]["metrics"] == metrics
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
@@ -86,8 +105,8 @@ def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
     resumed = _finetune(tiny_hf_dir, pairs, stopped, *common)
     assert "resumed from" in resumed.stderr and "iter_0000004" in resumed.stderr
     a, b = read_metrics(straight), read_metrics(stopped)
-    assert [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in a] == \
-        [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in b]
+    assert [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["consumed_tokens"]) for r in a] == \
+        [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["consumed_tokens"]) for r in b]
     assert not os.path.exists(os.path.join(stopped, "iter_0000006.partial"))
 
 

@@ -103,7 +103,7 @@ def test_fsdp_release_equals_the_replicated_release(pairs, replicated, fsdp2):
     ours, theirs = os.path.join(fsdp2, "release"), os.path.join(replicated, "release")
     assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
     for name in os.listdir(ours):
-        if not name.endswith(".safetensors"):
+        if not name.endswith(".safetensors") and name not in ("moca_training.json", "README.md"):  # sharding, ranks
             assert open(os.path.join(ours, name)).read() == open(os.path.join(theirs, name)).read(), name
     a, b = _weights(ours), _weights(theirs)
     assert sorted(a) == sorted(b) and "lm_head.weight" not in a  # the tiny model ties its head
