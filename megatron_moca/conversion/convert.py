@@ -17,7 +17,8 @@ import time
 
 from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint, save_model
 from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
-from megatron_moca.conversion.hf_io import SafetensorsReader, copy_side_files, read_config, write_sharded
+from megatron_moca.conversion.hf_io import (SafetensorsReader, copy_side_files, read_config, write_embedding_settings,
+                                            write_sharded)
 from megatron_moca.conversion.weights import check_hf_keys, load_hf_into_model, model_to_hf
 from megatron_moca.errors import UserError
 from megatron_moca.models.transformer_configs import DTYPES
@@ -95,9 +96,45 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
     cfg = read_model_config(folder)
     model = _unsharded_model(cfg)
     load_model(model, folder)
+    config = hf_config_from_model(cfg, cfg.params_dtype)
+    if hf_base is not None and os.path.isfile(os.path.join(hf_base, "config.json")):
+        _carry_unmodelled_fields(read_config(hf_base), config)
+    settings = run_embedding_settings(folder)
     with staged_output(output) as staging:
         files = write_sharded(model_to_hf(model, cfg), staging, max_shard_bytes)
         with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(hf_config_from_model(cfg, cfg.params_dtype), f, indent=2)
+            json.dump(config, f, indent=2)
         copied = copy_side_files(hf_base, staging)
-    return {"output": output, "seconds": round(time.time() - t0, 2), "shards": len(files), "copied": copied}
+        if settings:
+            write_embedding_settings(staging, **settings)
+    return {"output": output, "seconds": round(time.time() - t0, 2), "shards": len(files), "copied": copied,
+            "embedding": settings}
+
+
+# vision_config fields the ModelConfig does not model: the export takes the base's values where it has one
+UNMODELLED_VISION_FIELDS = ("tokens_per_second",)
+
+
+def _carry_unmodelled_fields(base: dict, config: dict) -> None:
+    theirs = base.get("vision_config") if isinstance(base.get("vision_config"), dict) else {}
+    for key in UNMODELLED_VISION_FIELDS:
+        if key in theirs:
+            config["vision_config"][key] = theirs[key]
+
+
+def run_embedding_settings(folder: str) -> dict:
+    """The sequence length and pixel bounds a `moca pretrain` run trained with, from the config.yaml of the
+    run directory holding the iter_ folder; {} for a checkpoint outside a run (e.g. a converted model)."""
+    from megatron_moca.config.loading import read_yaml
+
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    sample = read_yaml(path).get("sample") or {}
+    image = sample.get("image") or {}
+    settings = {"min_pixels": image.get("min_pixels"), "max_pixels": image.get("max_pixels"),
+                "max_length": sample.get("max_length")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in settings.values()):
+        raise UserError(f"{path}: sample.max_length / sample.image.min_pixels / max_pixels are not positive "
+                        "integers; is this the config.yaml `moca pretrain` wrote?")
+    return settings

@@ -181,6 +181,29 @@ def test_a_random_init_export_carries_a_tokenizer_that_autotokenizer_loads(tmp_p
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()[:4000] + " café 東京 🤖 <|mask|>"
     assert hf.encode(text, add_special_tokens=False) == ours.encode(text)
     assert hf.mask_token_id == MASK_TOKEN_ID and hf.pad_token_id == ours.pad_id and hf.chat_template
+    # the run's length and pixel bounds (from its config.yaml), for MocaEmbedder, transformers and
+    # sentence-transformers alike
+    import yaml
+
+    image = yaml.safe_load(open(os.path.join(run, "config.yaml")))["sample"]["image"]
+    processor = json.load(open(os.path.join(out, "preprocessor_config.json")))
+    assert (processor["min_pixels"], processor["max_pixels"]) == (image["min_pixels"], image["max_pixels"])
+    assert json.load(open(os.path.join(out, "moca_embedding.json")))["max_length"] == 100
+    assert {"modules.json", "config_sentence_transformers.json", "moca_sentence_transformers.py"} <= set(os.listdir(out))
+
+
+def test_an_export_keeps_the_base_models_tokens_per_second(tiny_hf_dir, tiny_mcore_dir, tmp_path):
+    """vision_config.tokens_per_second is not part of the model config: the export takes the base's."""
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_hf_dir, base)
+    config = json.load(open(os.path.join(base, "config.json")))
+    config["vision_config"]["tokens_per_second"] = 4
+    json.dump(config, open(os.path.join(base, "config.json"), "w"))
+    out = str(tmp_path / "hf")
+    proc = run_moca("convert", "mcore-to-hf", "--checkpoint", tiny_mcore_dir, "--output", out, "--hf-base", base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.load(open(os.path.join(out, "config.json")))["vision_config"]["tokens_per_second"] == 4
+    assert not os.path.exists(os.path.join(out, "moca_embedding.json"))  # a converted model, not a run: no settings
 
 
 def test_the_python_api_converts_both_ways_and_verifies(tiny_hf_dir, tmp_path):
