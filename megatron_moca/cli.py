@@ -174,7 +174,8 @@ def _cmd_finetune(args) -> int:
 def _cmd_demo(args) -> int:
     from megatron_moca.demo import run_demo
 
-    run_demo(args.workdir, log=lambda line: print(line, flush=True))
+    summary = run_demo(args.workdir, log=lambda line: print(line, flush=True))
+    print(json.dumps(summary))  # the last line: the whole summary, for scripts
     return 0
 
 

@@ -8,6 +8,7 @@
                                (plus training pairs of other pages), evaluated on the stage-1 export
     6. moca finetune           MoCa stage 2 (InfoNCE + a hard negative) from the export on those pairs
     7. moca eval --task retrieval   the stage-2 release on the same held-out stand-in
+    then results.md and results.png in the work directory (demo_report.py)
 
 Each step runs in its own process (the CLI is the contract) and is skipped when its output is
 already in the work directory, so an interrupted demo is rerun with the same command.
@@ -105,11 +106,9 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetu
     release = os.path.join(stage2, "release")
     after = _moca(["eval", "--model", release, "--task", "retrieval", "--data", standin, *DEMO_EVAL], log)
 
-    def records(run):
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    from megatron_moca.training.plot import read_metrics
 
-    s1, s2 = records(stage1), records(stage2)
+    s1, s2 = read_metrics(stage1), read_metrics(stage2)
     keys1, keys2 = ("step", "loss", "mlm_loss", "mae_loss"), ("step", "loss", "accuracy")
     summary = {"workdir": workdir, "shards": shards, "stage1": stage1, "hf": hf, "iteration": iteration,
                "first": {k: s1[0][k] for k in keys1}, "last": {k: s1[-1][k] for k in keys1},
@@ -126,4 +125,9 @@ def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetu
         log(f"retrieval stand-in, {name} ({r['queries']} queries, {r['documents']} images): nDCG@10 "
             f"{r['ndcg@10']:.3f}, recall@1 {r['recall@1']:.3f}, recall@10 {r['recall@10']:.3f} (chance: recall@1 "
             f"{1 / r['documents']:.3f}, recall@10 {min(1.0, 10 / r['documents']):.3f})")
+    from megatron_moca.demo_report import write_results_md, write_results_png
+
+    summary["results_md"] = write_results_md(summary, os.path.join(workdir, "results.md"))
+    summary["results_png"] = write_results_png(summary, s1, s2, os.path.join(workdir, "results.png"))
+    log(f"wrote {summary['results_md']} and {summary['results_png']}")
     return summary
