@@ -64,9 +64,11 @@ def _table(rows: Dict[str, object]) -> str:
 def _results_section(results) -> str:
     if not results:
         return "Not evaluated yet: `moca eval --model THIS_FOLDER --task ... --output DIR` adds its scores here."
+    from megatron_moca.eval.outputs import flat_metrics
+
     parts = []
     for r in results:
-        metrics = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float)) and k != "task"}
+        metrics = {k: v for k, v in flat_metrics(r["metrics"]).items() if isinstance(v, (int, float)) and k != "task"}
         parts.append(f"**{r['task']}** on `{r['data']}`\n\n{_table(metrics)}")
     return "\n\n".join(parts)
 

@@ -6,7 +6,9 @@
 Each row ranks its own candidates (~1000; the positive is candidate 0) by cosine similarity with the
 query: hit@1 = the positive ranks first. Every distinct (text, image) input is embedded once. The
 Phi-3-V placeholder `<|image_1|>` in the texts becomes Qwen's vision placeholder, and is removed where the
-row has no image (spec moca-method.md, "Prompts" and "Evaluation protocols"). Scores are plain means.
+row has no image (spec moca-method.md, "Prompts" and "Evaluation protocols"). Scores are plain means:
+overall over the subsets evaluated, and as MMEB reports them, the means of its four meta-tasks and of its
+in-distribution (the 20 MMEB-train sets) and out-of-distribution (16) sets, over the subsets present.
 """
 
 from __future__ import annotations
@@ -21,6 +23,41 @@ import torch
 from megatron_moca.data.files import checked_image_path
 from megatron_moca.embed.inputs import PHI3V_IMAGE, embedder_input
 from megatron_moca.errors import UserError
+
+
+# MMEB's 36 evaluation sets by meta-task, and which are in-distribution (MMEB-train has them) - the
+# grouping of MMEB's results table (Jiang et al., 2024, VLM2Vec, Table 1)
+META_TASKS = {
+    "classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
+                       "ImageNet-R", "ObjectNet", "Country211"),
+    "vqa": ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+            "TextVQA"),
+    "retrieval": ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS",
+                  "WebQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
+    "grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+}
+IN_DISTRIBUTION = frozenset({
+    "ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA",
+    "ChartQA", "Visual7W", "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS",
+    "WebQA", "MSCOCO"})
+
+
+def grouped_means(hits: Dict[str, float]) -> Dict[str, object]:
+    """MMEB's meta-task and IND / OOD means over the subsets in `hits` that MMEB has (empty if none)."""
+    def mean(names):
+        values = [hits[n] for n in names if n in hits]
+        return sum(values) / len(values) if values else None
+
+    known = {n for names in META_TASKS.values() for n in names}
+    out: Dict[str, object] = {}
+    meta = {task: mean(names) for task, names in META_TASKS.items()}
+    if any(v is not None for v in meta.values()):
+        out["meta_tasks"] = {k: v for k, v in meta.items() if v is not None}
+    for key, names in (("in_distribution", known & IN_DISTRIBUTION), ("out_of_distribution", known - IN_DISTRIBUTION)):
+        value = mean(names)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -118,4 +155,5 @@ def evaluate_mmeb(embedder, data: List[MmebSubset], batch_size: int = 8, log=Non
         if log:
             log(f"{subset.name}: hit@1 {results[subset.name]['hit@1']:.4f} over {results[subset.name]['rows']} rows")
     overall = sum(r["hit@1"] for r in results.values()) / len(results)
-    return {"overall": overall, "subsets": {name: r["hit@1"] for name, r in results.items()}}
+    hits = {name: r["hit@1"] for name, r in results.items()}
+    return {"overall": overall, **grouped_means(hits), "subsets": hits}

@@ -37,18 +37,19 @@ def write_outputs(folder: str, metrics: Dict[str, object], title: str,
                              for rank, (doc, score) in enumerate(ranked[:RUN_DEPTH], 1))
     with open(os.path.join(staging, "results.md"), "w") as f:
         f.write(f"# {title}\n\n| metric | value |\n|---|---|\n")
-        for key, value in _flat(metrics).items():
+        for key, value in flat_metrics(metrics).items():
             f.write(f"| {key} | {value:.4f} |\n" if isinstance(value, float) else f"| {key} | {value} |\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
 
 
-def _flat(metrics: Dict[str, object], prefix: str = "") -> Dict[str, object]:
+def flat_metrics(metrics: Dict[str, object], prefix: str = "") -> Dict[str, object]:
+    """Nested metrics as one level, keys joined with "/" (meta_tasks/vqa, subsets/DocVQA)."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}/"))
+            out.update(flat_metrics(value, f"{prefix}{key}/"))
         else:
             out[f"{prefix}{key}"] = value
     return out

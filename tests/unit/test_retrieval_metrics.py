@@ -136,3 +136,17 @@ def test_metrics_equal_pytrec_eval_on_ties_zero_judged_and_graded_qrels(seed):
         assert ours["queries"] == theirs["queries"]
         for key in (f"ndcg@{k}", f"recall@{k}", f"mrr@{k}"):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (k, key, ours[key], theirs[key])
+
+
+def test_mmeb_groups_are_mmebs_36_sets_and_their_means():
+    from megatron_moca.eval.mmeb import IN_DISTRIBUTION, META_TASKS, grouped_means
+
+    names = [n for group in META_TASKS.values() for n in group]
+    assert len(names) == len(set(names)) == 36 and [len(g) for g in META_TASKS.values()] == [10, 10, 12, 4]
+    assert len(IN_DISTRIBUTION) == 20 and IN_DISTRIBUTION < set(names)
+    hits = {"ImageNet-1K": 0.8, "Place365": 0.4, "DocVQA": 0.6, "MSCOCO": 1.0, "RefCOCO": 0.5, "MySet": 0.0}
+    out = grouped_means(hits)
+    assert out["meta_tasks"] == {"classification": pytest.approx(0.6), "vqa": 0.6, "grounding": 0.75}
+    assert out["in_distribution"] == pytest.approx((0.8 + 0.6 + 1.0) / 3)
+    assert out["out_of_distribution"] == pytest.approx((0.4 + 0.5) / 2)  # MySet is not MMEB's: in no group
+    assert grouped_means({"MySet": 1.0}) == {}
