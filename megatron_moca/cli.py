@@ -235,12 +235,13 @@ def _cmd_eval(args) -> int:
         from megatron_moca.eval.mmeb import evaluate_mmeb, read_mmeb
 
         mmeb = read_mmeb(args.data, limit=args.limit)
-    else:
-        from megatron_moca.eval.beir import read_beir
-        from megatron_moca.eval.retrieval import TASK_PROMPTS, dataset_prompts, evaluate_retrieval
+    else:  # one BEIR set, or a folder of them (the ViDoRe-v2 sets side by side): each read and checked now
+        from megatron_moca.eval.beir import beir_sets, read_beir
+        from megatron_moca.eval.retrieval import TASK_PROMPTS, dataset_prompts, evaluate_collection, evaluate_retrieval
 
-        data = read_beir(args.data, split=args.split)
-        prompts = dataset_prompts(args.data, TASK_PROMPTS[args.task])
+        folders = beir_sets(args.data) or [args.data]
+        sets = [(os.path.basename(os.path.normpath(f)), read_beir(f, split=args.split),
+                 dataset_prompts(f, TASK_PROMPTS[args.task])) for f in folders]
     given = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
     image = None  # the embedder takes the folder's bounds (else MoCa's); a given one replaces the folder's
     if given:
@@ -254,7 +255,11 @@ def _cmd_eval(args) -> int:
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
     else:
-        result = evaluate_retrieval(embedder, data, prompts, batch_size=args.batch_size, log=log)
+        if folders == [args.data]:
+            result = evaluate_retrieval(embedder, sets[0][1], sets[0][2], batch_size=args.batch_size, log=log)
+        else:
+            log(f"{len(sets)} sets in {args.data}: {', '.join(name for name, _, _ in sets)}")
+            result = evaluate_collection(embedder, sets, batch_size=args.batch_size, log=log)
         metrics, per_query, run = result.metrics, result.per_query, result.run
     metrics = {"task": args.task, **metrics}
     if args.output:
@@ -347,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="HF Qwen2.5-VL folder (e.g. a moca convert mcore-to-hf export)")
     ev.add_argument("--task", required=True, choices=("retrieval", "mmeb", "vidore"),
                     help="retrieval / vidore: a BEIR folder, nDCG / recall / MRR; mmeb: MMEB-eval, hit@1 per subset")
-    ev.add_argument("--data", required=True, help="retrieval/vidore: BEIR folder (corpus, queries, qrels); "
+    ev.add_argument("--data", required=True, help="retrieval/vidore: a BEIR folder (corpus, queries, qrels) or a "
+                                                  "folder of them (each evaluated, then the means over the sets); "
                                                   "mmeb: TIGER-Lab/MMEB-eval folder (subset tables + eval_images/)")
     ev.add_argument("--limit", type=int, default=0, help="mmeb: rows per subset (0 = all)")
     ev.add_argument("--split", default="test", help="the qrels split (qrels/SPLIT.tsv)")

@@ -107,6 +107,17 @@ def _read_qrels(folder: str, split: str) -> Dict[str, Dict[str, float]]:
     return qrels
 
 
+def beir_sets(folder: str) -> List[str]:
+    """[folder] if it is a BEIR set (has a corpus table), else its subfolders that are (a collection, e.g.
+    the ViDoRe-v2 sets side by side), sorted; [] if neither."""
+    if _table(folder, "corpus") is not None:
+        return [folder]
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if os.path.isdir(os.path.join(folder, name)) and _table(os.path.join(folder, name), "corpus") is not None]
+
+
 def read_beir(folder: str, split: str = "test") -> BeirData:
     corpus = _read_entries(folder, "corpus", "corpus-id")
     queries = _read_entries(folder, "queries", "query-id")

@@ -81,6 +81,24 @@ class RetrievalResult:
     """(query id, [(document id, score), ...]) in trec_eval's rank order, the top RUN_DEPTH."""
 
 
+def evaluate_collection(embedder, sets: List[tuple], batch_size: int = 8, log=None) -> RetrievalResult:
+    """Each (name, BeirData, Prompts) evaluated alone; metrics per set plus the sets' mean of each metric
+    (ViDoRe's summary: the mean nDCG@5 over its sets); per-query results and run lines carry "set/qid"."""
+    per_set, per_query, run = {}, {}, []
+    for name, data, prompts in sets:
+        if log:
+            log(f"[{name}]")
+        result = evaluate_retrieval(embedder, data, prompts, batch_size=batch_size, log=log)
+        per_set[name] = result.metrics
+        per_query.update({f"{name}/{qid}": values for qid, values in result.per_query.items()})
+        run += [(f"{name}/{qid}", ranked) for qid, ranked in result.run]
+        if log:
+            log(f"[{name}] ndcg@5 {result.metrics['ndcg@5']:.4f}")
+    keys = [k for k, v in next(iter(per_set.values())).items() if isinstance(v, float)]
+    means = {k: sum(m[k] for m in per_set.values()) / len(per_set) for k in keys}
+    return RetrievalResult({**means, "set_count": len(per_set), "sets": per_set}, per_query, run)
+
+
 def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), batch_size: int = 8,
                        log=None) -> RetrievalResult:
     from megatron_moca.eval.outputs import RUN_DEPTH

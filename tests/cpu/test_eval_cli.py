@@ -125,3 +125,29 @@ def test_eval_prints_the_exact_metrics_of_a_known_ranking(tiny_hf_dir, tmp_path)
     assert (m["recall@1"], m["ndcg@1"], m["mrr@1"]) == (0.0, 0.0, 0.0)  # d2 first: not judged relevant
     assert m["mrr@5"] == 0.25 and m["mrr@10"] == 0.25  # q1: d1 at rank 2 -> 1/2; q2: 0
     assert m["recall@5"] == 0.5 and m["recall@10"] == 0.5  # q1 finds both; q2 has nothing relevant
+
+
+def test_a_folder_of_sets_is_evaluated_set_by_set_with_the_means(tiny_hf_dir, tmp_path):
+    """--task vidore over a folder holding BEIR sets (as ViDoRe-v2's sets sit side by side): each set's
+    metrics, their mean (ViDoRe's summary: mean nDCG@5), query ids prefixed by the set in the files."""
+    from megatron_moca.eval.beir import write_beir
+
+    root = tmp_path / "vidore"
+    write_beir(str(root / "a"), [{"_id": "d1", "text": "alpha beta gamma"}, {"_id": "d2", "text": "alpha beta gamma"},
+                                 {"_id": "d3", "text": "a completely different sentence"}],
+               [{"_id": "q1", "text": "alpha beta gamma"}], ["q1\td1\t1"])  # d2 ties d1 and wins the tie: rank 2
+    write_beir(str(root / "b"), [{"_id": "x", "text": "one two three four"}, {"_id": "y", "text": "zzz"}],
+               [{"_id": "q1", "text": "one two three four"}], ["q1\tx\t1"])  # its very text: rank 1
+    (root / "notes").mkdir()  # not a set: ignored
+    out = tmp_path / "out"
+    proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "vidore", "--data", str(root), "--max-length", "64",
+                    "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(m["sets"]) == ["a", "b"] and m["set_count"] == 2 and "2 sets in" in proc.stdout
+    assert m["sets"]["a"]["mrr@5"] == 0.5 and m["sets"]["b"]["mrr@5"] == 1.0
+    assert m["ndcg@5"] == (m["sets"]["a"]["ndcg@5"] + m["sets"]["b"]["ndcg@5"]) / 2 and m["mrr@5"] == 0.75
+    assert [json.loads(line)["query_id"] for line in (out / "per_query.jsonl").read_text().splitlines()] == \
+        ["a/q1", "b/q1"]
+    assert {line.split()[0] for line in (out / "run.trec").read_text().splitlines()} == {"a/q1", "b/q1"}
+    assert "| sets/a/ndcg@5 |" in (out / "results.md").read_text()
