@@ -229,7 +229,9 @@ def _cmd_eval(args) -> int:
     from megatron_moca.data.image_processing import ImageProcessingConfig
     from megatron_moca.embed.embedder import MocaEmbedder
 
-    log = lambda line: print(line, flush=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the inputs are shared out over the ranks
+    rank = int(os.environ.get("RANK", "0"))
+    log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
     # the data is checked before the model loads: bad data fails fast
     if args.task == "mmeb":
         from megatron_moca.eval.mmeb import evaluate_mmeb, read_mmeb
@@ -250,7 +252,20 @@ def _cmd_eval(args) -> int:
         recorded = read_embedding_settings(args.model)
         image = ImageProcessingConfig(**{**{k: recorded[k] for k in ("min_pixels", "max_pixels") if k in recorded},
                                          **given})
-    embedder = MocaEmbedder(args.model, max_length=args.max_length, image=image)
+    device = None
+    if world > 1:
+        import torch
+
+        from megatron_moca.distributed import runtime
+
+        runtime.init_process_group()
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    embedder = MocaEmbedder(args.model, device=device, max_length=args.max_length, image=image)
+    if world > 1:
+        from megatron_moca.eval.sharding import ShardedEmbedder
+
+        embedder = ShardedEmbedder(embedder)
+        log(f"embedding over {world} ranks")
     per_query = run = None
     if args.task == "mmeb":
         metrics = evaluate_mmeb(embedder, mmeb, batch_size=args.batch_size, log=log)
@@ -262,6 +277,8 @@ def _cmd_eval(args) -> int:
             result = evaluate_collection(embedder, sets, batch_size=args.batch_size, log=log)
         metrics, per_query, run = result.metrics, result.per_query, result.run
     metrics = {"task": args.task, **metrics}
+    if rank != 0:
+        return 0  # rank 0 reports
     if args.output:
         from megatron_moca.eval.outputs import write_outputs
 

@@ -67,15 +67,31 @@ class MocaEmbedder:
         """The model inputs of `items` (EmbeddingInputs.batch)."""
         return self.inputs.batch(items)
 
+    @property
+    def dimension(self) -> int:
+        return self.model.config.text_config.hidden_size
+
     @torch.no_grad()
-    def embed(self, items: Sequence[Item], batch_size: int = 8) -> torch.Tensor:
-        """[len(items), hidden] float32 L2-normalised embeddings, in the order given."""
+    def embed(self, items: Sequence[Item], batch_size: int = 8, progress: Optional[str] = None) -> torch.Tensor:
+        """[len(items), hidden] float32 L2-normalised embeddings, in the order given. progress: a label for a
+        progress bar on stderr (items/s, ETA); None: quiet."""
         if isinstance(items, (str, dict)):
             raise UserError("embed() takes a list of inputs (strings or {'text', 'images'} records)")
         out: List[torch.Tensor] = []
+        bar = None
+        if progress is not None:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), desc=progress, unit="item", file=sys.stderr, mininterval=2.0, leave=False)
         for start in range(0, len(items), batch_size):
             out.append(self.pool(self.batch(items[start:start + batch_size])))
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.text_config.hidden_size)
+            if bar is not None:
+                bar.update(len(out[-1]))
+        if bar is not None:
+            bar.close()
+        return torch.cat(out) if out else torch.zeros(0, self.dimension)
 
     def pool(self, b: dict) -> torch.Tensor:
         return pooled_embeddings(self.model.model, b, self.device).cpu()

@@ -140,7 +140,7 @@ def read_mmeb(folder: str, limit: int = 0) -> List[MmebSubset]:
 
 
 def evaluate_subset(embedder, subset: MmebSubset, batch_size: int = 8) -> Dict[str, float]:
-    vectors = embedder.embed(subset.inputs, batch_size=batch_size)
+    vectors = embedder.embed(subset.inputs, batch_size=batch_size, progress=subset.name)
     hits = 0
     for query, candidates in subset.rows:
         scores = vectors[candidates] @ vectors[query]

@@ -107,8 +107,8 @@ def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), b
     documents = [_item(d, prompts.image_document if d.image else prompts.document) for d in data.corpus]
     if log:
         log(f"embedding {len(queries)} queries and {len(documents)} documents")
-    q = embedder.embed(queries, batch_size=batch_size)
-    d = embedder.embed(documents, batch_size=batch_size)
+    q = embedder.embed(queries, batch_size=batch_size, progress="queries")
+    d = embedder.embed(documents, batch_size=batch_size, progress="documents")
     scores = q @ d.T
     query_ids, doc_ids = [e.id for e in data.queries], [e.id for e in data.corpus]
     order = rankings(scores, doc_ids, min(max(RUN_DEPTH, 10), len(doc_ids)))

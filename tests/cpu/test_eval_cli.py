@@ -4,7 +4,9 @@ document's text with its own image, the last line is one JSON object of metrics;
 import json
 import os
 
-from helpers import run_moca, write_stage1_shards
+import pytest
+
+from helpers import REPO, run_moca, run_torchrun, write_stage1_shards
 
 
 def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
@@ -22,6 +24,16 @@ def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 8 and metrics["documents"] == 8 and metrics["task"] == "retrieval"
     assert 0 <= metrics["ndcg@5"] <= 1 and metrics["recall@10"] == 1.0  # 8 documents: all within the top 10
+    # torchrun: each of 2 ranks embeds half the inputs, rank 0 reports the one-process numbers
+    proc = run_torchrun(2, os.path.join(REPO, "megatron_moca", "cli.py"), "eval", "--model", tiny_hf_dir, "--task",
+                        "retrieval", "--data", standin, "--max-length", "120", "--min-pixels", "3136",
+                        "--max-pixels", "12544")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "embedding over 2 ranks" in proc.stdout and proc.stdout.count('"task"') == 1  # one report
+    assert sharded.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert sharded[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
     again = run_moca("data", "standin", "--input", shards, "--output", standin)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
