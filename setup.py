@@ -32,8 +32,9 @@ setup(
         # scikit-image ships real test images; DALI's CPU operators test the GPU decode pipeline's graph;
         # cairosvg draws the SVG stamps of the Tux Paint evaluation set
         # pytrec-eval-terrier: trec_eval's own code, the reference the retrieval metrics are tested against
+        # sentence-transformers, wandb: the release and the run logs are tested with the libraries users load them in
         "dev": ["pytest>=8", "pytest-timeout", "scikit-image", "nvidia-dali-cuda130", "pyarrow", "cairosvg",
-                "pytrec-eval-terrier", "sentence-transformers"],
+                "pytrec-eval-terrier", "sentence-transformers", "wandb"],
     },
     entry_points={"console_scripts": ["moca=megatron_moca.cli:main"]},
 )

@@ -23,9 +23,9 @@ def child_env():
     return env
 
 
-def run_moca(*args, timeout=600):
-    """Run the `moca` CLI in a fresh process (dist-checkpoint saves spawn workers)."""
-    env = child_env()
+def run_moca(*args, timeout=600, env=None):
+    """Run the `moca` CLI in a fresh process (dist-checkpoint saves spawn workers); env: more variables."""
+    env = {**child_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "megatron_moca.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 

@@ -58,3 +58,18 @@ class LoggingConfig:
     """Mirror the metrics to TensorBoard here (default: <save>/tensorboard when tensorboard imports)."""
     peak_tflops: Optional[float] = None
     """Dense bf16 peak of one device for MFU (default: known GPUs by name; no MFU on the CPU)."""
+    wandb_project: Optional[str] = None
+    """Mirror the metrics to Weights & Biases under this project (needs `pip install wandb`; WANDB_MODE=offline
+    writes the run under <save>/wandb for a later `wandb sync`). The run's id follows the run directory, so
+    a resumed run continues the same W&B run."""
+    wandb_run_name: Optional[str] = None
+    """The W&B run's name (default: the run directory's name)."""
+
+    def validate(self) -> None:
+        """Refuse up front what would fail at the first record."""
+        import importlib.util
+
+        from megatron_moca.errors import UserError
+
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise UserError("logging.wandb_project is set but wandb is not installed (pip install wandb)")

@@ -5,7 +5,7 @@
     train:      iterations (default: one epoch), global batch of pairs, GradCache chunk, seed
     optim:      AdamW, clipping, LR warmup + decay (config.pretrain.OptimConfig, stage-2 defaults)
     checkpoint: run directory, save interval, release dtype
-    logging:    log_interval, TensorBoard
+    logging:    log_interval, TensorBoard, W&B
     data:       pair tables and the batch sampler (data.pairs.PairsDataConfig)
     objective:  temperature, hard negatives (objectives.contrastive.ContrastiveConfig)
 
@@ -150,6 +150,7 @@ class FinetuneConfig:
             raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage2)")
         if c.save_interval < 1 or self.logging.log_interval < 1:
             raise UserError("checkpoint.save_interval and logging.log_interval must be >= 1")
+        self.logging.validate()
         if c.release_dtype not in (None, "bfloat16", "float16", "float32"):
             raise UserError(f"checkpoint.release_dtype={c.release_dtype!r}: expected bfloat16, float16 or float32")
         d = self.data

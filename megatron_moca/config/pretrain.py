@@ -5,7 +5,7 @@
     train:      iterations, micro/global batch, seed
     optim:      AdamW, clipping, LR warmup + decay
     checkpoint: save / save_interval / load
-    logging:    log_interval, TensorBoard
+    logging:    log_interval, TensorBoard, W&B
     data:       shard folders and blending (data.loader.LoaderConfig)
     sample:     masking and image settings (data.samples.Stage1SampleConfig)
     objective:  mae_weight (objectives.reconstruction.ReconstructionConfig)
@@ -124,6 +124,7 @@ class PretrainConfig:
             raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage1)")
         if c.save_interval < 1 or self.logging.log_interval < 1:
             raise UserError("checkpoint.save_interval and logging.log_interval must be >= 1")
+        self.logging.validate()
         if c.load and not os.path.isdir(c.load):
             raise UserError(f"checkpoint.load={c.load}: no such directory")
         if not self.data.paths:

@@ -95,11 +95,18 @@ class LoopSettings:
     world_size: int
     tensorboard_dir: Optional[str] = None
     peak_tflops: Optional[float] = None
+    wandb: Optional[dict] = None
+    """{"project", "name", "config"} of the W&B run to mirror the records to (None: none)."""
 
     @classmethod
     def of(cls, cfg, train_iters: int, world_size: int) -> "LoopSettings":
-        return cls(cfg.checkpoint.save, train_iters, cfg.logging.log_interval, cfg.checkpoint.save_interval,
-                   cfg.train.exit_interval, world_size, cfg.logging.tensorboard_dir, cfg.logging.peak_tflops)
+        from megatron_moca.config.loading import to_dict
+
+        log_cfg = cfg.logging
+        wandb = ({"project": log_cfg.wandb_project, "name": log_cfg.wandb_run_name, "config": to_dict(cfg)}
+                 if log_cfg.wandb_project else None)
+        return cls(cfg.checkpoint.save, train_iters, log_cfg.log_interval, cfg.checkpoint.save_interval,
+                   cfg.train.exit_interval, world_size, log_cfg.tensorboard_dir, log_cfg.peak_tflops, wandb)
 
 
 def write_resolved_config(cfg) -> None:
@@ -143,7 +150,7 @@ def train(stage: Stage, settings: LoopSettings, iteration: int, consumed_tokens:
     from megatron_moca.training.metrics import MetricsWriter, ThroughputWindow, device_peak_tflops, log_line
 
     rank0 = dist.get_rank() == 0
-    metrics = MetricsWriter(settings.save, iteration, settings.tensorboard_dir) if rank0 else None
+    metrics = MetricsWriter(settings.save, iteration, settings.tensorboard_dir, settings.wandb) if rank0 else None
     window = ThroughputWindow(settings.world_size, device_peak_tflops(settings.peak_tflops))
     cadence = Cadence(settings.train_iters, settings.log_interval, settings.save_interval, settings.exit_interval)
     record: Dict[str, object] = {}

@@ -56,7 +56,9 @@ class MetricsWriter:
     """Appends one JSON object per logged step; on resume drops records past the resumed iteration
     (they were logged by the killed run and are logged again) and any partial line a kill left."""
 
-    def __init__(self, run_dir: str, resumed_iteration: int, tensorboard_dir: Optional[str] = None):
+    def __init__(self, run_dir: str, resumed_iteration: int, tensorboard_dir: Optional[str] = None,
+                 wandb: Optional[dict] = None):
+        """wandb: {"project", "name", "config"} to mirror every record to a W&B run (None: no W&B)."""
         self.path = os.path.join(run_dir, METRICS_FILE)
         if os.path.isfile(self.path):
             with open(self.path, errors="replace") as f:
@@ -73,6 +75,21 @@ class MetricsWriter:
             os.replace(tmp, self.path)
         self.tensorboard = self._tensorboard(tensorboard_dir or os.path.join(run_dir, "tensorboard"),
                                              explicit=tensorboard_dir is not None)
+        self.wandb = self._wandb(run_dir, **wandb) if wandb else None
+
+    @staticmethod
+    def _wandb(run_dir: str, project: str, name: Optional[str], config: dict):
+        import hashlib
+
+        from megatron_moca.errors import UserError
+
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
+        run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]  # the run directory's
+        return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(run_dir)), id=run_id,
+                          resume="allow", dir=run_dir, config=config)
 
     @staticmethod
     def _tensorboard(folder: str, explicit: bool):
@@ -87,15 +104,20 @@ class MetricsWriter:
     def write(self, record: Dict[str, float]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{key}": value for key, value in _scalars(record)
+                   if key != "step" and value is not None and math.isfinite(value)}
         if self.tensorboard is not None:
-            for key, value in _scalars(record):
-                if key != "step" and value is not None and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
             self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _scalars(record: dict):
