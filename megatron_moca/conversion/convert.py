@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 
 
@@ -19,9 +20,11 @@ from megatron_moca.checkpointing import load_model, read_model_config, resolve_c
 from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
 from megatron_moca.conversion.hf_io import (SafetensorsReader, copy_side_files, read_config, write_embedding_settings,
                                             write_sharded)
+from megatron_moca.conversion.mapping import build_rules
 from megatron_moca.conversion.weights import check_hf_keys, load_hf_into_model, model_to_hf
 from megatron_moca.errors import UserError
 from megatron_moca.models.transformer_configs import DTYPES
+from megatron_moca.progress import progress_bar, with_progress
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -77,7 +80,15 @@ def hf_to_mcore(hf_dir: str, output: str, tp: int = 1, pp: int = 1, attention: s
     dtype = reader.get("model.norm.weight").dtype
     cfg.params_dtype = DTYPE_NAMES.get(dtype, "float32")
     model = _unsharded_model(cfg)
-    load_hf_into_model(model, reader.get, cfg, hf_dir)
+    bar = progress_bar("reading HF tensors", len(reader.keys()), "tensor")
+
+    def get(name):
+        bar.update(1)
+        return reader.get(name)
+
+    load_hf_into_model(model, get, cfg, hf_dir)
+    bar.close()
+    print("writing the megatron checkpoint", file=sys.stderr, flush=True)
     with staged_output(output) as staging:
         # torch_dist checkpoints hold global tensors: they load at any TP/PP; tp/pp were validated
         save_model(model, cfg, staging, 0, release_params=True, extra={"converted_from": os.path.abspath(hf_dir),
@@ -95,13 +106,16 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
         raise UserError(f"--hf-base {hf_base}: not a directory")
     cfg = read_model_config(folder)
     model = _unsharded_model(cfg)
+    print(f"reading {folder}", file=sys.stderr, flush=True)
     load_model(model, folder)
     config = hf_config_from_model(cfg, cfg.params_dtype)
     if hf_base is not None and os.path.isfile(os.path.join(hf_base, "config.json")):
         _carry_unmodelled_fields(read_config(hf_base), config)
     settings = run_embedding_settings(folder)
     with staged_output(output) as staging:
-        files = write_sharded(model_to_hf(model, cfg), staging, max_shard_bytes)
+        tensors = sum(len(rule.hf) for rule in build_rules(cfg))
+        files = write_sharded(with_progress(model_to_hf(model, cfg), "writing HF tensors", tensors, "tensor"),
+                              staging, max_shard_bytes)
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         copied = copy_side_files(hf_base, staging)

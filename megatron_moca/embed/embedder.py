@@ -80,11 +80,9 @@ class MocaEmbedder:
         out: List[torch.Tensor] = []
         bar = None
         if progress is not None:
-            import sys
+            from megatron_moca.progress import progress_bar
 
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(items), desc=progress, unit="item", file=sys.stderr, mininterval=2.0, leave=False)
+            bar = progress_bar(progress, len(items))
         for start in range(0, len(items), batch_size):
             out.append(self.pool(self.batch(items[start:start + batch_size])))
             if bar is not None:

@@ -62,6 +62,7 @@ def test_mcore_to_hf_round_trip_is_bit_identical(tiny_hf_dir, tiny_mcore_dir, tm
     proc = run_moca("convert", "mcore-to-hf", "--checkpoint", tiny_mcore_dir, "--output", out, "--hf-base",
                     tiny_hf_dir, "--max-shard-gib", "0.03")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reading " in proc.stderr and "writing HF tensors" in proc.stderr  # progress on stderr, results on stdout
     original, back = read_all(tiny_hf_dir), read_all(out)
     assert set(original) == set(back)
     assert all(torch.equal(original[k], back[k]) for k in original)
