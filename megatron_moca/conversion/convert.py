@@ -112,6 +112,7 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
     if hf_base is not None and os.path.isfile(os.path.join(hf_base, "config.json")):
         _carry_unmodelled_fields(read_config(hf_base), config)
     settings = run_embedding_settings(folder)
+    training = run_training_record(folder) if settings else None
     with staged_output(output) as staging:
         tensors = sum(len(rule.hf) for rule in build_rules(cfg))
         files = write_sharded(with_progress(model_to_hf(model, cfg), "writing HF tensors", tensors, "tensor"),
@@ -120,7 +121,11 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
             json.dump(config, f, indent=2)
         copied = copy_side_files(hf_base, staging)
         if settings:
+            from megatron_moca.embed.model_card import write_model_card, write_training_record
+
             write_embedding_settings(staging, **settings)
+            write_training_record(staging, training)
+            write_model_card(staging)
     return {"output": output, "seconds": round(time.time() - t0, 2), "shards": len(files), "copied": copied,
             "embedding": settings}
 
@@ -134,6 +139,29 @@ def _carry_unmodelled_fields(base: dict, config: dict) -> None:
     for key in UNMODELLED_VISION_FIELDS:
         if key in theirs:
             config["vision_config"][key] = theirs[key]
+
+
+def run_training_record(folder: str) -> dict:
+    """What a `moca pretrain` run did up to this iter_ folder (its config.yaml and checkpoint metadata), for
+    the export's moca_training.json and model card."""
+    from megatron_moca import __version__
+    from megatron_moca.checkpointing import read_checkpoint_json
+    from megatron_moca.config.loading import read_yaml
+
+    run = read_yaml(os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml"))
+    meta = read_checkpoint_json(folder)
+    train, optim, data = run.get("train") or {}, run.get("optim") or {}, run.get("data") or {}
+    sample, objective = run.get("sample") or {}, run.get("objective") or {}
+    return {"stage": "MoCa stage 1: modality-aware continual pre-training (MLM + MAE)",
+            "base_model": (run.get("checkpoint") or {}).get("load") or "random initialisation",
+            "steps": meta.get("iteration"), "consumed_tokens": int(meta.get("consumed_tokens", 0)),
+            "global_batch_size": train.get("global_batch_size"), "megatron_moca": __version__,
+            "data": {"paths": data.get("paths", [])},
+            "hyperparameters": {"lr": optim.get("lr"), "lr_decay_style": optim.get("lr_decay_style"),
+                                "clip_grad": optim.get("clip_grad"), "pack_length": data.get("pack_length"),
+                                "mlm_probability": sample.get("mlm_probability"),
+                                "mae_probability": sample.get("mae_probability"),
+                                "mae_weight": objective.get("mae_weight"), "max_length": sample.get("max_length")}}
 
 
 def run_embedding_settings(folder: str) -> dict:

@@ -191,6 +191,10 @@ def test_a_random_init_export_carries_a_tokenizer_that_autotokenizer_loads(tmp_p
     assert (processor["min_pixels"], processor["max_pixels"]) == (image["min_pixels"], image["max_pixels"])
     assert json.load(open(os.path.join(out, "moca_embedding.json")))["max_length"] == 100
     assert {"modules.json", "config_sentence_transformers.json", "moca_sentence_transformers.py"} <= set(os.listdir(out))
+    training = json.load(open(os.path.join(out, "moca_training.json")))  # and what the run did, in its card
+    assert (training["steps"], training["base_model"], training["data"]["paths"]) == (1, "random initialisation", [shards])
+    assert training["consumed_tokens"] > 0 and training["hyperparameters"]["max_length"] == 100
+    assert "MoCa stage 1" in open(os.path.join(out, "README.md")).read()
 
 
 def test_an_export_keeps_the_base_models_tokens_per_second(tiny_hf_dir, tiny_mcore_dir, tmp_path):
