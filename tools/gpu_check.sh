@@ -13,7 +13,8 @@
 # BENCH_ARGS="--variants ..." to change them, the bench's own 6 add two eager ones), then GPU_TESTS_S
 # (default 360 s) for the GPU tests (GPU_TESTS narrows them, e.g. tests/gpu/test_gpu_model.py; all 11 took
 # 255 s on an H200, the two trainer tests most of it), then, if PROFILE_S is set, tools/profile_gpu.py
-# (PROFILE_PARTS, default vision,steps; ~60 s) for that many seconds: where the time goes.
+# (PROFILE_PARTS, default vision,steps; ~60 s) for that many seconds: where the time goes. MEMORY_S runs
+# tools/memory_check.py (the 3B stage-2 recipe's measured peak against tools/memory_plan.py) that long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -45,6 +46,9 @@ timeout "${BENCH_S:-200}" python3 tools/bench_gpu.py --preset qwen25vl_3b --out 
   ${BENCH_ARGS:---variants causal,bidirectional,bidirectional+compile,causal+compile} 2>&1 | tee "$OUT/bench_gpu.log"
 timeout "${GPU_TESTS_S:-360}" python3 -m pytest -q -p no:cacheprovider -m gpu -o timeout=200 ${GPU_TESTS:-tests/gpu} \
   2>&1 | tee "$OUT/gpu_tests.log"
+if [ -n "${MEMORY_S:-}" ]; then  # optional: stage 2's measured peak vs tools/memory_plan.py (3B, 24 pairs)
+  timeout "$MEMORY_S" python3 tools/memory_check.py --out /tmp/memory_check 2>&1 | tee "$OUT/memory_check.log"
+fi
 if [ -n "${PROFILE_S:-}" ]; then  # optional: where the time goes (tools/profile_gpu.py), last
   timeout "$PROFILE_S" python3 tools/profile_gpu.py --parts "${PROFILE_PARTS:-vision,steps}" \
     --out "$OUT/profile_gpu.json" 2>&1 | tee "$OUT/profile_gpu.log"
