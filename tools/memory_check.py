@@ -86,9 +86,10 @@ def main(argv=None) -> int:
         measured = max(json.loads(line)["mem_gib"] for line in f)
     _, parts = memory_plan.plan(args.recipe, 1, overrides)
     predicted = sum(parts.values()) / memory_plan.GIB  # allocations only: the plan's fixed overhead is not allocated
-    result = {"recipe": os.path.basename(args.recipe), "pairs_per_gpu": args.pairs, "gpu": torch.cuda.get_device_name(),
-              "measured_gib": round(measured, 2), "predicted_gib": round(predicted, 2),
-              "ratio": round(predicted / measured, 3), "parts_gib": {k: round(v / memory_plan.GIB, 2) for k, v in parts.items()}}
+    result = {"recipe": os.path.basename(args.recipe), "pairs_per_gpu": args.pairs,
+              "gpu": torch.cuda.get_device_name(), "measured_gib": round(measured, 2),
+              "predicted_gib": round(predicted, 2), "ratio": round(predicted / measured, 3),
+              "parts_gib": {k: round(v / memory_plan.GIB, 2) for k, v in parts.items()}}
     print(json.dumps(result))
     return 0 if abs(predicted / measured - 1) <= 0.15 else 1
 

@@ -98,8 +98,9 @@ def _activations(tokens: float, patches: float, s: Shapes, checkpointed: bool, l
     layers = s.layers if layers is None else layers
     full_llm = _per_token_layer_bytes(s.hidden, s.ffn) * tokens / tp
     full_vit = _per_token_layer_bytes(s.vision_hidden, s.vision_ffn) * patches / tp
-    if checkpointed:
-        return (2 * s.hidden * tokens * layers + full_llm + 2 * s.vision_hidden * patches * s.vision_blocks + full_vit) / tp
+    if checkpointed:  # each layer's input kept, one layer's activations alive during its recompute
+        kept = (2 * s.hidden * tokens * layers + 2 * s.vision_hidden * patches * s.vision_blocks) / tp
+        return kept + full_llm + full_vit
     return full_llm * layers + full_vit * s.vision_blocks
 
 
@@ -149,7 +150,8 @@ def _recipe_stage(values: dict) -> int:
     return 2 if "temperature" in (values.get("objective") or {}) else 1
 
 
-def plan(recipe: str, gpus: int, overrides: List[str] = (), image_fraction: float = 0.25) -> Tuple[int, Dict[str, float]]:
+def plan(recipe: str, gpus: int, overrides: List[str] = (),
+         image_fraction: float = 0.25) -> Tuple[int, Dict[str, float]]:
     """(stage, {component: bytes per process}) of a recipe on `gpus` processes."""
     from megatron_moca.config.loading import read_yaml
     from megatron_moca.config.model import preset

@@ -123,7 +123,8 @@ class MocaEmbedding(torch.nn.Module):
         texts = [text for text, _ in pairs]
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
-            features["pixel_values"], features["image_grid_thw"] = processed["pixel_values"], processed["image_grid_thw"]
+            features["pixel_values"] = processed["pixel_values"]
+            features["image_grid_thw"] = processed["image_grid_thw"]
             counts = iter((features["image_grid_thw"].prod(-1) // self.merge ** 2).tolist())
             texts = [text.replace("\0", VISION.format(IMAGE_PAD * next(counts))) if image is not None else text
                      for text, image in pairs]

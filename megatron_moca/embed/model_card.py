@@ -83,6 +83,10 @@ def render_model_card(folder: str) -> str:
     training_rows = {k: v for k, v in training.items() if not isinstance(v, (dict, list))}
     hyper = training.get("hyperparameters", {})
     data = training.get("data", {})
+    paths = ", ".join(f"`{p}`" for p in data.get("paths", [])) or "not recorded"
+    if data.get("subsets"):
+        paths += "; pairs per subset: " + ", ".join(f"{k} {v}" for k, v in data["subsets"].items())
+    page = "<|vision_start|><|image_pad|><|vision_end|>\\nRepresent the given document image."
     return "\n".join(front) + f"""
 
 {GENERATED}
@@ -101,7 +105,7 @@ resized to {embedding.get("min_pixels", "?")}..{embedding.get("max_pixels", "?")
 
 {_table(training_rows) if training_rows else "No training record in this folder."}
 
-Data: {", ".join(f"`{p}`" for p in data.get("paths", [])) or "not recorded"}{"; pairs per subset: " + ", ".join(f"{k} {v}" for k, v in data.get("subsets", {}).items()) if data.get("subsets") else ""}
+Data: {paths}
 
 Hyper-parameters:
 
@@ -118,8 +122,7 @@ megatron_moca:
 ```python
 from megatron_moca.embed.embedder import MocaEmbedder
 embedder = MocaEmbedder("THIS_FOLDER")
-vectors = embedder.embed(["a query", {{"text": "<|vision_start|><|image_pad|><|vision_end|>\\nRepresent the given document image.",
-                                      "images": ["page.png"]}}])
+vectors = embedder.embed(["a query", {{"text": "{page}", "images": ["page.png"]}}])
 ```
 
 sentence-transformers (the folder's `moca_sentence_transformers.py` module; torch + transformers only):

@@ -197,20 +197,21 @@ class Stage2:
         writes the same files)."""
         from megatron_moca import __version__
 
-        c = self.cfg
-        return {"stage": "MoCa stage 2: heterogeneous contrastive fine-tuning", "base_model": self.identity["model_path"],
-                "steps": iteration, "consumed_tokens": int(consumed_tokens), "global_batch_size": c.train.global_batch_size,
-                "data_parallel_ranks": dist.get_world_size(), "sharding": "fsdp" if self.fsdp else "replicated",
-                "release_dtype": release_dtype, "megatron_moca": __version__,
+        c, o = self.cfg, self.cfg.optim
+        hyper = {"lr": o.lr, "min_lr": o.min_lr, "lr_decay_style": o.lr_decay_style,
+                 "lr_warmup_fraction": o.lr_warmup_fraction, "weight_decay": o.weight_decay, "clip_grad": o.clip_grad,
+                 "gradient_reduction": c.parallel.gradient_reduction, "temperature": c.objective.temperature,
+                 "hard_negatives": c.objective.hard_negatives, "max_length": c.data.max_length,
+                 "min_pixels": c.data.image.min_pixels, "max_pixels": c.data.image.max_pixels,
+                 "compute_dtype": c.model.compute_dtype, "micro_batch_size": c.train.micro_batch_size}
+        return {"stage": "MoCa stage 2: heterogeneous contrastive fine-tuning",
+                "base_model": self.identity["model_path"], "steps": iteration, "consumed_tokens": int(consumed_tokens),
+                "global_batch_size": c.train.global_batch_size, "data_parallel_ranks": dist.get_world_size(),
+                "sharding": "fsdp" if self.fsdp else "replicated", "release_dtype": release_dtype,
+                "megatron_moca": __version__,
                 "data": {"paths": [os.path.abspath(p) for p in c.data.paths], "subsets": self.identity["subsets"],
                          "sampler": c.data.sampler},
-                "hyperparameters": {"lr": c.optim.lr, "min_lr": c.optim.min_lr, "lr_decay_style": c.optim.lr_decay_style,
-                                    "lr_warmup_fraction": c.optim.lr_warmup_fraction, "weight_decay": c.optim.weight_decay,
-                                    "clip_grad": c.optim.clip_grad, "gradient_reduction": c.parallel.gradient_reduction,
-                                    "temperature": c.objective.temperature, "hard_negatives": c.objective.hard_negatives,
-                                    "max_length": c.data.max_length, "min_pixels": c.data.image.min_pixels,
-                                    "max_pixels": c.data.image.max_pixels, "compute_dtype": c.model.compute_dtype,
-                                    "micro_batch_size": c.train.micro_batch_size}}
+                "hyperparameters": hyper}
 
     def finish(self, iteration: int, consumed_tokens: float) -> None:
         """The release, once the last iteration is done (again if this invocation trained, or if a kill

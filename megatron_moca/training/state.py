@@ -80,8 +80,9 @@ def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     # the plain optimizer's state is keyed by parameter (reshards like the model); the distributed
     # optimizer's only in the fully reshardable layout
     reshardable = not cfg.parallel.use_distributed_optimizer or cfg.checkpoint.optim_fully_reshardable
-    extra = {"iteration": iteration, "consumed_tokens": consumed_tokens, "layout": _layout_dict(layout), "scheduler": scheduler.state_dict(),
-             "optimizer_metadata": metadata, "optimizer_reshardable": reshardable}
+    extra = {"iteration": iteration, "consumed_tokens": consumed_tokens, "layout": _layout_dict(layout),
+             "scheduler": scheduler.state_dict(), "optimizer_metadata": metadata,
+             "optimizer_reshardable": reshardable}
     return save_model(model, cfg.model, cfg.checkpoint.save, iteration, extra=extra,
                       training_state=training_state, content_metadata=metadata)
 
@@ -161,4 +162,5 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                         f"{len(cfg.data.paths)}: resume with the same data.paths")
     if dist.is_initialized():
         dist.barrier()
-    return Resumed(int(meta["iteration"]), loaded["loader"], folder, float(meta.get("consumed_tokens", 0.0)))
+    return Resumed(int(meta["iteration"]), loaded["loader"], folder,
+                   float(meta.get("consumed_tokens", 0.0)))  # 0 for checkpoints written before it was counted
