@@ -49,11 +49,17 @@ def starting_dtype(config: dict) -> str:
 
 
 def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
-    """The HF model in fp32 on `device`; with FSDP on the host (fully_shard moves one unit at a time)."""
+    """The HF model in fp32 on `device`. With FSDP: rank 0's on the host (fully_shard moves one unit at a
+    time), the other ranks' on the meta device (they get their shards from rank 0: training/fsdp.py)."""
     from megatron_moca.conversion.hf_io import load_transformers_model
 
-    model = load_transformers_model(folder, torch.float32)
-    model.to("cpu" if cfg.parallel.fsdp else device).train()
+    if cfg.parallel.fsdp and dist.get_rank() != 0:
+        from megatron_moca.training.fsdp import meta_model
+
+        model = meta_model(folder)
+    else:
+        model = load_transformers_model(folder, torch.float32).to("cpu" if cfg.parallel.fsdp else device)
+    model.train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -270,8 +276,11 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     if fsdp:
         from megatron_moca.training import fsdp as sharding
 
+        full_state = dict(encoder.state_dict()) if rank == 0 else {}  # the whole tensors, before sharding
         sharding.shard(encoder, device, cfg.model.compute_dtype, cfg.parallel.fsdp_shard_size,
                        cfg.parallel.gradient_reduction)
+        sharding.load_from_rank0(encoder, full_state, device)
+        del full_state
         _park_lm_head(model, tied)
     optimizer = _optimizer(cfg, [p for p in encoder.parameters() if p.requires_grad], device)
     if folder:

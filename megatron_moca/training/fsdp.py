@@ -8,6 +8,9 @@ data-parallel ranks, or HSDP (`parallel.fsdp_shard_size`): split within groups, 
                   the divide factor makes the result the sum or the mean over ranks
                   (parallel.gradient_reduction)
     norms         clip_grad_norm_ over DTensor gradients: torch reduces the shards' norms
+    loading       rank 0 reads the HF folder (one fp32 copy in host memory); the other ranks build the
+                  model on the meta device (no memory), and after sharding each rank receives its shards
+                  from rank 0 (set_model_state_dict, broadcast_from_rank0), buffers too
 
 After torchtitan's torchtitan/models/llama3/infra/parallelize.py (apply_fsdp), written for the HF
 Qwen2.5-VL modules.
@@ -52,6 +55,31 @@ def shard(encoder: torch.nn.Module, device: torch.device, compute_dtype: str, sh
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(factor)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM + a scale: gloo has no PREMUL_SUM
+
+
+def meta_model(folder: str):
+    """The HF model of `folder`'s config.json on the meta device (shapes only; no weights read)."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
+                                                               dtype=torch.float32)
+
+
+def load_from_rank0(encoder: torch.nn.Module, full_state: dict, device: torch.device) -> None:
+    """After shard(): ranks other than 0 (built on the meta device) get storage, then every rank takes its
+    shards of rank 0's full state dict (collective; full_state is {} off rank 0) and rank 0's buffers
+    (the rotary inv_freq buffers are not in the state dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        encoder.to_empty(device=device)
+    set_model_state_dict(encoder, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in encoder.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
