@@ -1,13 +1,14 @@
 """Stage 2 sharded with torch FSDP2 on gloo: the same training as one process (fp32: losses and gradient
 norms to rel 1e-4), with GradCache, hard negatives (2 per text row, 1 per image row: chunk counts differ
 between ranks), text-only and image rows on different ranks, HSDP; bit-exact resume at the same world size,
-resume at another; the release equals the replicated path's and MocaEmbedder loads it; the gradient scale
-of parallel.gradient_reduction."""
+resume at another; the release equals the replicated path's tensor for tensor and MocaEmbedder loads it; the
+gradient scale of parallel.gradient_reduction."""
 
 import os
 import shutil
 
 import pytest
+import torch
 
 from helpers import REPO, read_metrics, run_moca, run_torchrun, write_pairs
 
@@ -97,23 +98,28 @@ def test_fsdp_with_grad_cache_and_hsdp_trains_as_one_process(tiny_hf_dir, pairs,
         _assert_same_training(read_metrics(replicated), read_metrics(save))
 
 
-def test_fsdp_release_equals_the_replicated_release(pairs, replicated, fsdp2):
+def test_fsdp_release_equals_the_replicated_release(tiny_hf_dir, pairs, tmp_path):
+    """The same training on 2 ranks, replicated (ZeRO-1) and FSDP: releases equal tensor for tensor.
+    (Clipping off: the clip coefficient comes from the gradient norm, which FSDP sums shard by shard, so
+    with clipping on the weights differ in the last bits.)"""
     from megatron_moca.embed.embedder import MocaEmbedder
 
-    ours, theirs = os.path.join(fsdp2, "release"), os.path.join(replicated, "release")
+    releases = []
+    for fsdp in ("false", "true"):
+        save = str(tmp_path / f"fsdp_{fsdp}")
+        _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={fsdp}", "optim.clip_grad=0")
+        releases.append(os.path.join(save, "release"))
+    ours, theirs = releases[1], releases[0]
     assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
     for name in os.listdir(ours):
-        if not name.endswith(".safetensors") and name not in ("moca_training.json", "README.md"):  # sharding, ranks
+        if not name.endswith(".safetensors") and name not in ("moca_training.json", "README.md"):  # sharding
             assert open(os.path.join(ours, name)).read() == open(os.path.join(theirs, name)).read(), name
     a, b = _weights(ours), _weights(theirs)
     assert sorted(a) == sorted(b) and "lm_head.weight" not in a  # the tiny model ties its head
-    for key in a:  # the same training in another summation order: fp32 rounding apart
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
-        assert (a[key] - b[key]).abs().max().item() < 2e-5, key
+    assert all(a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]) for key in a)
     items = ["a harbour at dawn", {"text": "<|vision_start|><|image_pad|><|vision_end|> a picture",
                                    "images": [os.path.join(pairs, "images", "p0.png")]}]
-    x, y = MocaEmbedder(ours, device="cpu").embed(items), MocaEmbedder(theirs, device="cpu").embed(items)
-    assert (x - y).abs().max().item() < 1e-4
+    assert torch.equal(MocaEmbedder(ours, device="cpu").embed(items), MocaEmbedder(theirs, device="cpu").embed(items))
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
