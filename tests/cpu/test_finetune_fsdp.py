@@ -75,8 +75,11 @@ def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, repl
     assert "resumed from" in resumed.stderr
     assert _numbers(read_metrics(stopped)) == _numbers(read_metrics(straight))  # bit for bit
     _assert_same_training(read_metrics(replicated), read_metrics(straight))
-    # another world size: the shards are redistributed, the global batches stay the same
-    _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true")
+    # another world size and layout: the 2-rank shards redistributed over HSDP 2 x 2 ranks, with GradCache
+    # chunks of one input (one pair per rank: text-only ranks next to image ranks, hard-negative chunk
+    # counts padded); the global batches stay the same
+    _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true", "parallel.fsdp_shard_size=2",
+         "train.micro_batch_size=1")
     _assert_same_training(read_metrics(replicated), read_metrics(resharded))
     # a replicated run does not take an FSDP checkpoint (nor the reverse)
     proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={stopped}",
@@ -88,26 +91,31 @@ def _numbers(records):
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["accuracy"]) for r in records]
 
 
-def test_fsdp_with_grad_cache_and_hsdp_trains_as_one_process(tiny_hf_dir, pairs, replicated, tmp_path):
-    """One input per GradCache chunk: ranks embed different numbers of hard-negative chunks (padded); on 4
-    ranks each holds one pair, so some ranks' chunks are text-only while others' have images. The 2-rank
-    run also recomputes each layer in the backward (model.gradient_checkpointing)."""
-    for nproc, more in ((2, ["model.gradient_checkpointing=true"]), (4, ["parallel.fsdp_shard_size=2"])):
-        save = str(tmp_path / f"fsdp{nproc}")
-        _run(nproc, tiny_hf_dir, pairs, save, "parallel.fsdp=true", "train.micro_batch_size=1", *more)
-        _assert_same_training(read_metrics(replicated), read_metrics(save))
+def test_fsdp_with_grad_cache_trains_as_one_process(tiny_hf_dir, pairs, replicated, tmp_path):
+    """One input per GradCache chunk (ranks embed different numbers of hard-negative chunks: padded), each
+    layer recomputed in the backward (model.gradient_checkpointing)."""
+    save = str(tmp_path / "fsdp2")
+    _run(2, tiny_hf_dir, pairs, save, "parallel.fsdp=true", "train.micro_batch_size=1",
+         "model.gradient_checkpointing=true")
+    _assert_same_training(read_metrics(replicated), read_metrics(save))
 
 
-def test_fsdp_release_equals_the_replicated_release(tiny_hf_dir, pairs, tmp_path):
-    """The same training on 2 ranks, replicated (ZeRO-1) and FSDP: releases equal tensor for tensor.
-    (Clipping off: the clip coefficient comes from the gradient norm, which FSDP sums shard by shard, so
-    with clipping on the weights differ in the last bits.)"""
+def test_fsdp_release_equals_the_replicated_release_and_mean_is_the_references_scale(tiny_hf_dir, pairs, replicated,
+                                                                                     tmp_path):
+    """The same training on 2 ranks, replicated (ZeRO-1) and FSDP, with parallel.gradient_reduction=mean:
+    releases equal tensor for tensor (clipping off: the clip coefficient comes from the gradient norm,
+    which FSDP sums shard by shard, so with clipping the weights differ in the last bits), and the first
+    step's gradient norm is half the one-process (global-batch) norm - the reference's DeepSpeed mean."""
     from megatron_moca.embed.embedder import MocaEmbedder
 
     releases = []
     for fsdp in ("false", "true"):
         save = str(tmp_path / f"fsdp_{fsdp}")
-        _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={fsdp}", "optim.clip_grad=0")
+        _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={fsdp}", "optim.clip_grad=0",
+             "parallel.gradient_reduction=mean")
+        first, base = read_metrics(save)[0], read_metrics(replicated)[0]
+        assert first["loss"] == pytest.approx(base["loss"], rel=1e-5)
+        assert first["grad_norm"] == pytest.approx(base["grad_norm"] / 2, rel=1e-4)  # taken before any clipping
         releases.append(os.path.join(save, "release"))
     ours, theirs = releases[1], releases[0]
     assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
@@ -120,17 +128,6 @@ def test_fsdp_release_equals_the_replicated_release(tiny_hf_dir, pairs, tmp_path
     items = ["a harbour at dawn", {"text": "<|vision_start|><|image_pad|><|vision_end|> a picture",
                                    "images": [os.path.join(pairs, "images", "p0.png")]}]
     assert torch.equal(MocaEmbedder(ours, device="cpu").embed(items), MocaEmbedder(theirs, device="cpu").embed(items))
-
-
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_gradient_reduction_mean_is_the_references_scale(tiny_hf_dir, pairs, replicated, tmp_path, fsdp):
-    """The reference's DeepSpeed mean over 2 ranks: half the global-batch gradient (the default sum's)."""
-    save = str(tmp_path / "mean")
-    _run(2, tiny_hf_dir, pairs, save, f"parallel.fsdp={str(fsdp).lower()}", "parallel.gradient_reduction=mean",
-         "train.train_iters=1")
-    first, base = read_metrics(save)[0], read_metrics(replicated)[0]
-    assert first["loss"] == pytest.approx(base["loss"], rel=1e-5)
-    assert first["grad_norm"] == pytest.approx(base["grad_norm"] / 2, rel=1e-4)
 
 
 def test_fsdp_in_bf16_trains_as_the_replicated_bf16_run(tiny_hf_dir, pairs, tmp_path):
