@@ -59,8 +59,13 @@ def test_verify_fails_clearly_on_a_tampered_tensor(tiny_hf_dir, tiny_mcore_dir, 
 
 def test_mcore_to_hf_round_trip_is_bit_identical(tiny_hf_dir, tiny_mcore_dir, tmp_path):
     out = str(tmp_path / "back")
+    base = str(tmp_path / "base")  # the base folder with a vision_config field the model config does not hold
+    shutil.copytree(tiny_hf_dir, base)
+    config = json.load(open(os.path.join(base, "config.json")))
+    config["vision_config"]["tokens_per_second"] = 4
+    json.dump(config, open(os.path.join(base, "config.json"), "w"))
     proc = run_moca("convert", "mcore-to-hf", "--checkpoint", tiny_mcore_dir, "--output", out, "--hf-base",
-                    tiny_hf_dir, "--max-shard-gib", "0.03")
+                    base, "--max-shard-gib", "0.03")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reading " in proc.stderr and "writing HF tensors" in proc.stderr  # progress on stderr, results on stdout
     original, back = read_all(tiny_hf_dir), read_all(out)
@@ -68,6 +73,8 @@ def test_mcore_to_hf_round_trip_is_bit_identical(tiny_hf_dir, tiny_mcore_dir, tm
     assert all(torch.equal(original[k], back[k]) for k in original)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
+    assert json.load(open(os.path.join(out, "config.json")))["vision_config"]["tokens_per_second"] == 4  # the base's
+    assert not os.path.exists(os.path.join(out, "moca_embedding.json"))  # a converted model, not a run: no settings
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
@@ -195,20 +202,6 @@ def test_a_random_init_export_carries_a_tokenizer_that_autotokenizer_loads(tmp_p
     assert (training["steps"], training["base_model"], training["data"]["paths"]) == (1, "random initialisation", [shards])
     assert training["consumed_tokens"] > 0 and training["hyperparameters"]["max_length"] == 100
     assert "MoCa stage 1" in open(os.path.join(out, "README.md")).read()
-
-
-def test_an_export_keeps_the_base_models_tokens_per_second(tiny_hf_dir, tiny_mcore_dir, tmp_path):
-    """vision_config.tokens_per_second is not part of the model config: the export takes the base's."""
-    base = str(tmp_path / "base")
-    shutil.copytree(tiny_hf_dir, base)
-    config = json.load(open(os.path.join(base, "config.json")))
-    config["vision_config"]["tokens_per_second"] = 4
-    json.dump(config, open(os.path.join(base, "config.json"), "w"))
-    out = str(tmp_path / "hf")
-    proc = run_moca("convert", "mcore-to-hf", "--checkpoint", tiny_mcore_dir, "--output", out, "--hf-base", base)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.load(open(os.path.join(out, "config.json")))["vision_config"]["tokens_per_second"] == 4
-    assert not os.path.exists(os.path.join(out, "moca_embedding.json"))  # a converted model, not a run: no settings
 
 
 def test_the_python_api_converts_both_ways_and_verifies(tiny_hf_dir, tmp_path):
