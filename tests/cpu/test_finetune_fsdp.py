@@ -65,7 +65,7 @@ def fsdp2(tiny_hf_dir, pairs, tmp_path_factory):
 
 def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, replicated, fsdp2, tmp_path):
     straight = fsdp2
-    stopped, resharded = str(tmp_path / "stopped"), str(tmp_path / "resharded")
+    stopped, resharded, hsdp = (str(tmp_path / n) for n in ("stopped", "resharded", "hsdp"))
     _run(2, tiny_hf_dir, pairs, stopped, "parallel.fsdp=true", "train.exit_interval=2")
     checkpoint = os.path.join(stopped, "iter_0000002")
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt",
@@ -75,12 +75,14 @@ def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, repl
     assert "resumed from" in resumed.stderr
     assert _numbers(read_metrics(stopped)) == _numbers(read_metrics(straight))  # bit for bit
     _assert_same_training(read_metrics(replicated), read_metrics(straight))
-    # another world size and layout: the 2-rank shards redistributed over HSDP 2 x 2 ranks, with GradCache
-    # chunks of one input (one pair per rank: text-only ranks next to image ranks, hard-negative chunk
-    # counts padded); the global batches stay the same
-    _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true", "parallel.fsdp_shard_size=2",
-         "train.micro_batch_size=1")
-    _assert_same_training(read_metrics(replicated), read_metrics(resharded))
+    # 4 ranks (one pair each: text-only ranks next to image ranks): the 2-rank shards redistributed, the
+    # global batches the same - over FSDP, and over HSDP 2 x 2 with GradCache chunks of one input
+    # (hard-negative chunk counts padded)
+    shutil.copytree(resharded, hsdp)
+    _run(4, tiny_hf_dir, pairs, resharded, "parallel.fsdp=true")
+    _run(4, tiny_hf_dir, pairs, hsdp, "parallel.fsdp=true", "parallel.fsdp_shard_size=2", "train.micro_batch_size=1")
+    for save in (resharded, hsdp):
+        _assert_same_training(read_metrics(replicated), read_metrics(save))
     # a replicated run does not take an FSDP checkpoint (nor the reverse)
     proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={stopped}",
                     *SMALL, "train.train_iters=4")
