@@ -258,7 +258,7 @@ def _cmd_eval(args) -> int:
 
         from megatron_moca.distributed import runtime
 
-        runtime.init_process_group()
+        runtime.init_process_group(megatron=False)
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     embedder = MocaEmbedder(args.model, device=device, max_length=args.max_length, image=image)
     if world > 1:

@@ -7,6 +7,7 @@ process (a local rendezvous on a free port).
 from __future__ import annotations
 
 import os
+import sys
 import socket
 from dataclasses import dataclass
 
@@ -45,21 +46,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group() -> None:
+def init_process_group(megatron: bool = True) -> None:
     """Initialise torch.distributed if needed: from torchrun's env, else as a world of one.
 
     A world of one rendezvouses on a free loopback port without writing RANK/MASTER_* into the
     environment, so child processes (torchrun jobs, checkpoint writers) do not inherit them.
+    megatron=False: a process that never runs megatron-core (stage 2, eval) skips its CPU adaptation
+    (and the seconds of importing it).
     """
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif megatron:
         from megatron_moca import compat
 
         compat.adapt_megatron_to_cpu()
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:
@@ -121,10 +124,9 @@ def seed_all(seed: int, tp_rank: int) -> None:
 
 
 def shutdown() -> None:
-    """Tear down megatron parallel state and the process group (tests, CLI exit)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    """Tear down megatron parallel state (where megatron was used) and the process group (tests, CLI exit)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -260,7 +260,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                  "max_length": cfg.data.max_length}  # recorded in every HF folder the run writes
     resumed_at = read_tracker(cfg.checkpoint.save)
 
-    runtime.init_process_group()
+    runtime.init_process_group(megatron=False)  # stage 2 is torch + transformers only
     rank, dp = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
