@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Optional
 
 
 from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint, save_model
@@ -111,8 +112,9 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
     config = hf_config_from_model(cfg, cfg.params_dtype)
     if hf_base is not None and os.path.isfile(os.path.join(hf_base, "config.json")):
         _carry_unmodelled_fields(read_config(hf_base), config)
-    settings = run_embedding_settings(folder)
-    training = run_training_record(folder) if settings else None
+    run_config = read_run_config(folder)
+    settings = run_embedding_settings(run_config) if run_config else {}
+    training = run_training_record(folder, run_config["values"]) if run_config else None
     with staged_output(output) as staging:
         tensors = sum(len(rule.hf) for rule in build_rules(cfg))
         files = write_sharded(with_progress(model_to_hf(model, cfg), "writing HF tensors", tensors, "tensor"),
@@ -141,14 +143,21 @@ def _carry_unmodelled_fields(base: dict, config: dict) -> None:
             config["vision_config"][key] = theirs[key]
 
 
-def run_training_record(folder: str) -> dict:
-    """What a `moca pretrain` run did up to this iter_ folder (its config.yaml and checkpoint metadata), for
-    the export's moca_training.json and model card."""
-    from megatron_moca import __version__
-    from megatron_moca.checkpointing import read_checkpoint_json
+def read_run_config(folder: str) -> Optional[dict]:
+    """{"path", "values"} of the config.yaml of the `moca pretrain` run directory holding the iter_ folder;
+    None for a checkpoint outside a run (e.g. a converted model). Read once per export."""
     from megatron_moca.config.loading import read_yaml
 
-    run = read_yaml(os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml"))
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")
+    return {"path": path, "values": read_yaml(path)} if os.path.isfile(path) else None
+
+
+def run_training_record(folder: str, run: dict) -> dict:
+    """What a `moca pretrain` run (its resolved config `run`) did up to this iter_ folder, from the
+    checkpoint's metadata: the export's moca_training.json and model card."""
+    from megatron_moca import __version__
+    from megatron_moca.checkpointing import read_checkpoint_json
+
     meta = read_checkpoint_json(folder)
     train, optim, data = run.get("train") or {}, run.get("optim") or {}, run.get("data") or {}
     sample, objective = run.get("sample") or {}, run.get("objective") or {}
@@ -164,15 +173,10 @@ def run_training_record(folder: str) -> dict:
                                 "mae_weight": objective.get("mae_weight"), "max_length": sample.get("max_length")}}
 
 
-def run_embedding_settings(folder: str) -> dict:
-    """The sequence length and pixel bounds a `moca pretrain` run trained with, from the config.yaml of the
-    run directory holding the iter_ folder; {} for a checkpoint outside a run (e.g. a converted model)."""
-    from megatron_moca.config.loading import read_yaml
-
-    path = os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")
-    if not os.path.isfile(path):
-        return {}
-    sample = read_yaml(path).get("sample") or {}
+def run_embedding_settings(run_config: dict) -> dict:
+    """The sequence length and pixel bounds a `moca pretrain` run trained with (read_run_config's result)."""
+    path = run_config["path"]
+    sample = run_config["values"].get("sample") or {}
     image = sample.get("image") or {}
     settings = {"min_pixels": image.get("min_pixels"), "max_pixels": image.get("max_pixels"),
                 "max_length": sample.get("max_length")}
