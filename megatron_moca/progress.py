@@ -7,10 +7,11 @@ import sys
 from typing import Iterable, Optional
 
 
-def progress_bar(desc: str, total: Optional[int] = None, unit: str = "item"):
+def progress_bar(desc: str, total: Optional[int] = None, unit: str = "item", disable: bool = False):
+    """A tqdm bar (a context manager); disable=True: one that draws nothing."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=2.0, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=2.0, leave=False, disable=disable)
 
 
 def with_progress(items: Iterable, desc: str, total: Optional[int] = None, unit: str = "item"):

@@ -78,17 +78,12 @@ class MocaEmbedder:
         if isinstance(items, (str, dict)):
             raise UserError("embed() takes a list of inputs (strings or {'text', 'images'} records)")
         out: List[torch.Tensor] = []
-        bar = None
-        if progress is not None:
-            from megatron_moca.progress import progress_bar
+        from megatron_moca.progress import progress_bar
 
-            bar = progress_bar(progress, len(items))
-        for start in range(0, len(items), batch_size):
-            out.append(self.pool(self.batch(items[start:start + batch_size])))
-            if bar is not None:
+        with progress_bar(progress or "", len(items), disable=progress is None) as bar:
+            for start in range(0, len(items), batch_size):
+                out.append(self.pool(self.batch(items[start:start + batch_size])))
                 bar.update(len(out[-1]))
-        if bar is not None:
-            bar.close()
         return torch.cat(out) if out else torch.zeros(0, self.dimension)
 
     def pool(self, b: dict) -> torch.Tensor:
