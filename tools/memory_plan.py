@@ -186,7 +186,15 @@ def main(argv=None) -> int:
     parser.add_argument("--image-fraction", type=float, default=0.25,
                         help="stage 1: share of a packed row's tokens that are image tokens (default 0.25)")
     args = parser.parse_intermixed_args(argv)
-    stage, parts = plan(args.recipe, args.gpus, args.overrides, args.image_fraction)
+    from megatron_moca.errors import UserError
+
+    if args.gpus < 1:
+        parser.error("--gpus must be >= 1")
+    try:
+        stage, parts = plan(args.recipe, args.gpus, args.overrides, args.image_fraction)
+    except UserError as e:  # a bad recipe or override: one line, as the moca CLI says it
+        print(f"memory_plan: error: {e}", file=sys.stderr)
+        return 2
     total = sum(parts.values()) / GIB + OVERHEAD_GIB
     print(f"{args.recipe} (stage {stage}) on {args.gpus} GPUs, per GPU:")
     for name, value in parts.items():

@@ -66,3 +66,12 @@ def test_the_7b_stage2_recipe_fits_8_x_80gb_with_fsdp_and_not_replicated():
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout, proc.stdout + proc.stderr
     proc = _run(os.path.join("examples", "pretrain_qwen25vl_3b.yaml"), "--gpus", "8")
     assert proc.returncode == 0 and "(stage 1)" in proc.stdout and "MLM logits" in proc.stdout
+
+
+def test_a_bad_recipe_or_override_is_one_line():
+    proc = _run(os.path.join("examples", "finetune_qwen25vl_7b.yaml"), "--gpus", "8", "parallel.bogus=1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "memory_plan: error: unknown config key(s) parallel.bogus in section parallel; valid keys: "
+        "use_distributed_optimizer, fsdp, fsdp_shard_size, gradient_reduction"]
+    proc = _run("no_such_recipe.yaml", "--gpus", "8")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
