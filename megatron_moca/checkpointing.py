@@ -62,6 +62,11 @@ def resolve_checkpoint(path: str) -> str:
             raise UserError(f"{path}: no {TRACKER}; pass a run directory or one of its iter_ folders")
         folder = iteration_dir(path, iteration)
     if not os.path.isfile(os.path.join(folder, MODEL_JSON)) or not os.path.isfile(os.path.join(folder, "metadata.json")):
+        if os.path.isfile(os.path.join(folder, "trainer_state.json")):  # finetune_state.STATE_FILE
+            kind = "an FSDP" if os.path.isfile(os.path.join(folder, ".metadata")) else "a replicated"
+            raise UserError(f"{folder}: {kind} stage-2 (moca finetune) checkpoint, not a megatron one: stage 2 "
+                            "trains Hugging Face weights - its run's release/ folder is the model (no conversion "
+                            "needed)")
         raise UserError(f"{folder}: not a complete megatron_moca checkpoint (needs {MODEL_JSON} and metadata.json)")
     audit_dist_checkpoint(folder)
     return folder

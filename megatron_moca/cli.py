@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_moca.errors import UserError
+from megatron_moca.errors import Stopped, UserError
 
 
 def _cmd_env(args) -> int:
@@ -74,12 +74,11 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_data_prepare(args) -> int:
-    from megatron_moca.data.prepare import prepare
-
-    from megatron_moca.data.prepare import parse_partition
+    from megatron_moca.data.prepare import parse_partition, prepare
 
     manifest = prepare(args.input, args.output, workers=args.workers, max_shard_bytes=int(args.shard_mib * 2**20),
-                       tokenizer_dir=args.tokenizer, partition=parse_partition(args.partition))
+                       tokenizer_dir=args.tokenizer, partition=parse_partition(args.partition),
+                       allow_images_outside_root=args.allow_images_outside_root)
     totals = manifest["totals"]
     skipped = manifest["skipped"]
     reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
@@ -134,6 +133,16 @@ def _training_logging() -> int:
     return rank
 
 
+def _run_directory(cfg, command: str, rank: int):
+    """Rank 0 holds checkpoint.save's one-writer lock for the run, after checking that the folder is new,
+    empty or a run directory of ours (before anything is loaded)."""
+    from megatron_moca.training.loop import claim_run_directory
+
+    if rank == 0 and cfg.checkpoint.save:
+        claim_run_directory(cfg.checkpoint.save, command, create=False)
+    return _exclusive(cfg.checkpoint.save, command, enabled=rank == 0 and bool(cfg.checkpoint.save))
+
+
 def _print_config(cfg) -> int:
     import yaml
 
@@ -151,7 +160,8 @@ def _cmd_pretrain(args) -> int:
     if args.print_config:
         return _print_config(cfg)
     rank = _training_logging()
-    record = pretrain(cfg)
+    with _run_directory(cfg, "moca pretrain", rank):
+        record = pretrain(cfg)
     if rank == 0 and record:
         print(json.dumps({k: record[k] for k in ("step", "loss", "mlm_loss", "mae_loss")}))
     return 0
@@ -165,7 +175,8 @@ def _cmd_finetune(args) -> int:
     if args.print_config:
         return _print_config(cfg)
     rank = _training_logging()
-    record = finetune(cfg)
+    with _run_directory(cfg, "moca finetune", rank):
+        record = finetune(cfg)
     if rank == 0 and record:
         print(json.dumps({k: record[k] for k in ("step", "loss", "accuracy")}))
     return 0
@@ -222,16 +233,34 @@ def _record_in_model_card(model: str, task: str, data: str, metrics: dict, log) 
         log(f"{model} is read-only: its model card does not get these scores")
         return
     add_results(model, task, os.path.abspath(data), metrics)
-    log(f"updated {write_model_card(model)}")
+    card = write_model_card(model)
+    log(f"updated {card}" if card else f"{model}: README.md and README.base.md are not ours: left as they are (the "
+                                         "scores are in moca_results.json)")
+
+
+def _exclusive(folder, command: str, beside: bool = False, enabled: bool = True):
+    """The one-writer lock of an output folder (run_lock.py)."""
+    from megatron_moca.run_lock import exclusive
+
+    return exclusive(folder, command, beside=beside, enabled=enabled)
 
 
 def _cmd_eval(args) -> int:
-    from megatron_moca.data.image_processing import ImageProcessingConfig
-    from megatron_moca.embed.embedder import MocaEmbedder
-
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the inputs are shared out over the ranks
     rank = int(os.environ.get("RANK", "0"))
     log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
+    if args.output:  # refused before anything is loaded when it would replace files that are not ours
+        from megatron_moca.ownership import check_replaceable
+
+        check_replaceable(args.output)
+    with _exclusive(args.output, "moca eval", beside=True, enabled=bool(args.output) and rank == 0):
+        return _evaluate(args, world, rank, log)
+
+
+def _evaluate(args, world: int, rank: int, log) -> int:
+    from megatron_moca.data.image_processing import ImageProcessingConfig
+    from megatron_moca.embed.embedder import MocaEmbedder
+
     # the data is checked before the model loads: bad data fails fast
     if args.task == "mmeb":
         from megatron_moca.eval.mmeb import evaluate_mmeb, read_mmeb
@@ -286,7 +315,7 @@ def _cmd_eval(args) -> int:
         tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(os.path.normpath(args.model)))
         log(f"wrote {write_outputs(args.output, metrics, title, per_query, run, tag=tag or 'moca')}")
         _record_in_model_card(args.model, args.task, args.data, metrics, log)
-    print(json.dumps(metrics))
+    print(json.dumps(metrics, allow_nan=False))  # JSON has no NaN: the qrels and scores are checked finite
     return 0
 
 
@@ -332,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--partition", default=None, metavar="I/N",
                       help="prepare every N-th input file from the I-th (0-based) into OUTPUT/part-0000I-of-0000N "
                            "(one array job per partition, then `moca data merge OUTPUT`)")
+    prep.add_argument("--allow-images-outside-root", action="store_true",
+                      help="read image paths that are absolute or leave the input folder ('..', symbolic links); "
+                           "refused by default (skipped and counted)")
     prep.set_defaults(func=_cmd_data_prepare)
     merge_cmd = dsub.add_parser("merge", help="one manifest.json over the part-*-of-N folders of a partitioned prepare")
     merge_cmd.add_argument("dir", help="the --output folder the partitions were written into")
@@ -438,7 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_moca.distributed.launch import bind_to_launcher
+
     args = build_parser().parse_args(argv)
+    bind_to_launcher()  # under torchrun: this rank ends when the agent does, however it ends
     started_here = not _distributed_initialized()
     try:
         if args.command == "convert":
@@ -447,6 +482,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"moca: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # preempted: saved, to be rerun
+        print(f"moca: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         if started_here and _distributed_initialized():  # tear down only what this command set up
             from megatron_moca.distributed.runtime import shutdown

@@ -57,21 +57,34 @@ def _moca(args: List[str], log) -> subprocess.CompletedProcess:
 
 
 def _discard_interrupted(folder: str) -> None:
-    """A step's output folder without its completion marker is a build that was cut short: start over."""
-    if os.path.isdir(folder):
-        import shutil
+    """A step's output folder without its completion file is a build that was cut short: start over - only
+    where the folder is ours (a user's folder of that name is refused, never deleted)."""
+    from megatron_moca.ownership import remove_ours
 
-        shutil.rmtree(folder)
+    remove_ours(folder, "an unfinished demo step's output")
+
+
+def _earlier_demo(workdir: str) -> bool:
+    """A work directory of a release before folders were marked: its stage-1 run's tracker is there."""
+    return os.path.isfile(os.path.join(workdir, "stage1", "latest_checkpointed_iteration.txt"))
 
 
 def run_demo(workdir: str, log=print, pretrain_overrides: List[str] = (), finetune_overrides: List[str] = ()) -> dict:
     """Run (or continue) the demo in `workdir`; returns a summary of what was produced.
     pretrain_overrides / finetune_overrides: more `key=value` settings for stage 1 / stage 2 (after the
     embedded default)."""
-    from megatron_moca.checkpointing import read_tracker
+    from megatron_moca.ownership import claim
+    from megatron_moca.run_lock import exclusive
 
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    claim(workdir, "moca demo", "--workdir", legacy=_earlier_demo)
+    with exclusive(workdir, "moca demo"):
+        return _run_steps(workdir, log, pretrain_overrides, finetune_overrides)
+
+
+def _run_steps(workdir: str, log, pretrain_overrides, finetune_overrides) -> dict:
+    from megatron_moca.checkpointing import read_tracker
+
     shards, stage1 = os.path.join(workdir, "shards"), os.path.join(workdir, "stage1")
     if os.path.isfile(os.path.join(shards, "manifest.json")):
         log(f"[1/7] demo shards: already in {shards}")

@@ -54,6 +54,8 @@ def write_results_png(summary: dict, stage1: List[dict], stage2: List[dict], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_moca.training.plot import save_png
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key in ("loss", "mlm_loss", "mae_loss"):
         points = [(r["step"], r[key]) for r in stage1 if isinstance(r.get(key), (int, float))]
@@ -77,6 +79,6 @@ def write_results_png(summary: dict, stage1: List[dict], stage2: List[dict], pat
     axes[2].set_title(f"retrieval stand-in ({r1['queries']} queries)")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
     return path

@@ -75,7 +75,16 @@ def assert_helpers_gone(helpers, within=5.0):
         if not alive:
             return
         time.sleep(0.1)
-    raise AssertionError(f"still running {within} s after the kill: {[' '.join(p.cmdline())[-120:] for p in alive]}")
+    raise AssertionError(f"still running {within} s after the kill: {[_command(p) for p in alive]}")
+
+
+def _command(process):
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())[-120:]
+    except psutil.Error:  # it ended (or became a zombie) while the message was written
+        return f"pid {process.pid}"
 
 
 def tiny_config(**language):

@@ -36,6 +36,32 @@ class OptimConfig:
     lr_decay_style: str = "linear"
     """One of constant, linear, cosine, inverse-square-root, WSD."""
 
+    def validate(self, styles=LR_DECAY_STYLES) -> None:
+        """Refuse settings AdamW cannot run with: the learning rate above MAX_LR (the update would overflow
+        fp32 / bf16 weights within steps), betas outside [0, 1), eps outside (0, 1], negative decay or clip."""
+        from megatron_moca.errors import UserError
+
+        if self.lr_decay_style not in styles:
+            raise UserError(f"optim.lr_decay_style={self.lr_decay_style!r}: expected one of {', '.join(styles)}")
+        if not 0 < self.lr <= MAX_LR or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and "
+                            f"0 < lr <= {MAX_LR:g}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"optim.{name}={getattr(self, name)}: must be within [0, 1)")
+        if not 0 < self.adam_eps <= 1:
+            raise UserError(f"optim.adam_eps={self.adam_eps}: must be within (0, 1]")
+        if not 0 <= self.weight_decay <= MAX_LR / self.lr or self.clip_grad < 0:
+            raise UserError(f"optim.weight_decay={self.weight_decay} / optim.clip_grad={self.clip_grad}: need "
+                            f"0 <= weight_decay x lr <= {MAX_LR:g} and clip_grad >= 0")
+        if not 0 <= self.lr_warmup_fraction <= 1:
+            raise UserError(f"optim.lr_warmup_fraction={self.lr_warmup_fraction}: must be within 0..1")
+
+
+MAX_LR = 1.0
+"""The largest learning rate accepted: AdamW moves every weight by about lr per step, so at 3.4e38 the
+first update overflows; no recipe of this kind uses more than 1e-3."""
+
 
 @dataclass
 class RunDirectoryConfig:

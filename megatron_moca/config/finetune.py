@@ -138,13 +138,7 @@ class FinetuneConfig:
                                 f"{world_size} data-parallel ranks")
         if t.micro_batch_size is not None and t.micro_batch_size < 1:
             raise UserError("train.micro_batch_size must be >= 1 (or null: no GradCache chunking)")
-        o = self.optim
-        if o.lr_decay_style not in STAGE2_LR_STYLES:
-            raise UserError(f"optim.lr_decay_style={o.lr_decay_style!r}: stage 2 supports {', '.join(STAGE2_LR_STYLES)}")
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise UserError(f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
-        if not 0 <= o.lr_warmup_fraction <= 1:
-            raise UserError(f"optim.lr_warmup_fraction={o.lr_warmup_fraction}: must be within 0..1")
+        self.optim.validate(STAGE2_LR_STYLES)
         c = self.checkpoint
         if not c.save:
             raise UserError("checkpoint.save is not set: name the run directory (e.g. checkpoint.save=runs/stage2)")
@@ -165,8 +159,10 @@ class FinetuneConfig:
             raise UserError(f"data.sampler={d.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if d.max_length < 16 or d.max_rows_per_subset < 1 or d.num_workers < 0:
             raise UserError("data.max_length must be >= 16, data.max_rows_per_subset >= 1, data.num_workers >= 0")
-        if self.objective.temperature <= 0 or self.objective.hard_negatives < 0:
-            raise UserError("objective.temperature must be > 0 and objective.hard_negatives >= 0")
+        if not 1e-4 <= self.objective.temperature <= 1e3 or self.objective.hard_negatives < 0:
+            # cosine / temperature: below 1e-4 the logits leave the range where fp32 softmax gradients are finite
+            raise UserError(f"objective.temperature={self.objective.temperature} must be within [1e-4, 1000] and "
+                            f"objective.hard_negatives={self.objective.hard_negatives} >= 0")
 
     def iterations(self, steps_per_epoch: int) -> int:
         return self.train.train_iters or steps_per_epoch

@@ -159,16 +159,57 @@ def _deep_copy(values):
     return values
 
 
+MAX_YAML_VALUES = 100_000
+"""The most values a config may hold once its YAML aliases are expanded (a recipe has a few hundred): ten
+lines of nested aliases (the "billion laughs") would otherwise expand to gigabytes when read."""
+
+
+def _expanded_size(node, memo: Dict[int, int]) -> int:
+    """Values `node` holds once every alias in it is expanded (aliases share their node: counted per use)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once (safe_load builds it as a self-reference)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = min(total, MAX_YAML_VALUES + 1)
+    return memo[id(node)]
+
+
+def _safe_load_bounded(f, path: str):
+    """yaml.safe_load, refusing documents whose aliases expand beyond MAX_YAML_VALUES values."""
+    import yaml
+
+    loader = yaml.SafeLoader(f)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UserError(f"config file {path}: its YAML aliases expand to more than {MAX_YAML_VALUES} values; "
+                            "write the values out instead")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str) -> Dict[str, Any]:
     import yaml
 
     if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist" if not os.path.exists(path)
+                        else f"config file {path} is not a regular file")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f)
+            values = _safe_load_bounded(f, path)
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_moca.config.common import LR_DECAY_STYLES, LoggingConfig, OptimConfig, RunDirectoryConfig
+from megatron_moca.config.common import LoggingConfig, OptimConfig, RunDirectoryConfig
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.data.loader import LoaderConfig
 from megatron_moca.data.samples import Stage1SampleConfig
@@ -71,6 +71,10 @@ class CheckpointConfig(RunDirectoryConfig):
     optim_fully_reshardable: bool = False
     """Save optimizer state in the layout that loads at another TP/PP (gathers on DP rank 0); the
     default layout is written by every rank in parallel and reloads at the same TP/PP."""
+    allow_data_change: bool = False
+    """Resume although train.global_batch_size or the data blend (data.paths, weights, max_samples_per_source,
+    sample_order, seed) differ from the checkpoint's (refused by default: the run would no longer be the one
+    that was started; with it, the loader continues each source from its saved position)."""
 
 
 @dataclass
@@ -109,13 +113,7 @@ class PretrainConfig:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-        o = self.optim
-        if o.lr_decay_style not in LR_DECAY_STYLES:
-            raise UserError(f"optim.lr_decay_style={o.lr_decay_style!r}: expected one of {LR_DECAY_STYLES}")
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise UserError(f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
-        if not 0 <= o.lr_warmup_fraction <= 1:
-            raise UserError(f"optim.lr_warmup_fraction={o.lr_warmup_fraction}: must be within 0..1")
+        self.optim.validate()
         if not 0 <= self.lr_warmup_iters < self.lr_decay_iters:
             raise UserError(f"optim.lr_warmup_iters={self.lr_warmup_iters} must be below lr_decay_iters "
                             f"({self.lr_decay_iters}, default train_iters) and not negative")
@@ -145,8 +143,8 @@ class PretrainConfig:
         if self.sample.max_length > self.data.pack_length:
             raise UserError(f"sample.max_length={self.sample.max_length} exceeds data.pack_length="
                             f"{self.data.pack_length}: documents that long could never be packed")
-        if not 0 < self.objective.mae_weight:
-            raise UserError(f"objective.mae_weight={self.objective.mae_weight}: must be > 0")
+        if not 0 < self.objective.mae_weight <= 1e3:  # above, the MAE term alone overflows bf16 gradients
+            raise UserError(f"objective.mae_weight={self.objective.mae_weight}: must be within (0, 1000]")
 
     @property
     def lr_decay_iters(self) -> int:

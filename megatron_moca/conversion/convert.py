@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Optional
@@ -36,22 +35,14 @@ def check_output_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(path: str):
-    """Yield a staging folder next to `path`; rename it to `path` on success, delete it on failure. A
-    staging folder that a killed conversion left is removed first (one name per output, so reruns reuse it)."""
+def staged_output(path: str, command: str = "moca convert"):
+    """Yield a staging folder next to `path` (ownership.staged: renamed onto `path` on success, deleted on
+    failure, reused after a kill); `path` must be new or empty."""
+    from megatron_moca.ownership import staged
+
     check_output_dir(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        yield staging
-        if os.path.isdir(path):
-            os.rmdir(path)  # empty, checked above
-        os.replace(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged(path, command) as folder:
+        yield folder
 
 
 def _unsharded_model(cfg):

@@ -293,4 +293,37 @@ def copy_side_files(src: Optional[str], dst: str) -> List[str]:
         from megatron_moca.data.tokenizer import write_hf_tokenizer
 
         copied += [name for name in write_hf_tokenizer(dst) if name not in copied]
+    drop_unshipped_auto_map(dst)
     return copied
+
+
+def _shipped(reference: str, folder: str) -> bool:
+    """Whether an auto_map entry ("module.Class", "repo--module.Class") names code the folder holds."""
+    module = reference.split("--")[-1].rsplit(".", 1)[0]
+    return os.path.isfile(os.path.join(folder, module.replace(".", os.sep) + ".py"))
+
+
+def drop_unshipped_auto_map(folder: str) -> None:
+    """Remove auto_map entries of the folder's config / tokenizer / processor JSON that name code the folder
+    does not ship (a base model's remote code): transformers would fetch or fail on them with
+    trust_remote_code, and without it they only mislead."""
+    for name in ("config.json",) + tuple(n for n in SIDE_FILES if n.endswith(".json")):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            values = json.load(f)
+        auto_map = values.get("auto_map") if isinstance(values, dict) else None
+        if not isinstance(auto_map, dict):
+            continue
+        kept = {key: ref for key, ref in auto_map.items()
+                if all(isinstance(r, str) and _shipped(r, folder) for r in (ref if isinstance(ref, list) else [ref])
+                       if r is not None)}
+        if kept == auto_map:
+            continue
+        if kept:
+            values["auto_map"] = kept
+        else:
+            del values["auto_map"]
+        with open(path, "w") as f:
+            json.dump(values, f, indent=2)

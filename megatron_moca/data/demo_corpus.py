@@ -48,6 +48,8 @@ def fetch_packages(cache: str, log=print, packages: Sequence[Tuple[str, str, str
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise UserError(f"this data is built from Debian packages, but apt-get/dpkg-deb are unavailable here; "
                         f"{alternative}")
+    from megatron_moca.ownership import mark, remove_ours
+
     os.makedirs(cache, exist_ok=True)
     used = []
     for package, version, sha in packages:
@@ -72,8 +74,9 @@ def fetch_packages(cache: str, log=print, packages: Sequence[Tuple[str, str, str
         if got != sha:
             log(f"{os.path.basename(deb)}: sha256 {got[:16]}... differs from the pinned {version}; using it and "
                 f"recording version {actual}")
-        shutil.rmtree(target, ignore_errors=True)
+        remove_ours(target, "an unfinished unpack")  # an earlier unpack cut short; nothing else is deleted
         os.makedirs(target)
+        mark(target, "moca data demo")
         proc = subprocess.run(["dpkg-deb", "-x", deb, target], capture_output=True, text=True)
         if proc.returncode != 0:
             raise UserError(f"dpkg-deb -x {deb} failed: {proc.stderr.strip()[-300:]}")
@@ -226,8 +229,9 @@ def build_demo(output: str, cache: str = DEFAULT_CACHE, max_per_source: int = 0,
                log=print) -> dict:
     from megatron_moca.data.prepare import write_corpus
 
-    if os.path.exists(output) and os.listdir(output):
-        raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
+    from megatron_moca.ownership import claim
+
+    claim(output, "moca data demo")  # new, empty, or this command's earlier (maybe interrupted) output
     used = fetch_packages(cache, log)
     items = ((d.key, d, "", d.source) for d in demo_documents(cache, max_per_source))
     manifest = write_corpus(items, output, [f"{p}={v}" for p, v in used], workers)

@@ -1,8 +1,9 @@
 """Files that data tables name (images of stage-2 pairs, evaluation sets and `moca data prepare` inputs):
 confined to the folder they are relative to, and read only when they are regular files of bounded size.
 
-A table from a stranger can name `/etc/shadow`, `../../secrets`, a FIFO that blocks the reader forever,
-`/dev/zero` (endless) or a 40 GB file; each is refused here with a reason, before it is opened.
+A table from a stranger can name `/etc/shadow`, `../../secrets`, a symbolic link out of the folder, a FIFO
+that blocks the reader forever, `/dev/zero` (endless) or a 40 GB file; each is refused here with a reason,
+before it is opened. Confinement compares real paths (links resolved), not the text of the path.
 """
 
 from __future__ import annotations
@@ -22,17 +23,28 @@ class UnreadableFile(ValueError):
     """A named file that is not read: missing, not a regular file, or larger than the bound."""
 
 
+def resolved_inside(root: str, name: str, base: Optional[str] = None) -> Optional[str]:
+    """The real path of `name` (a path from a table, relative to `base`, default root) under `root`, symbolic
+    links resolved; None when it is absolute or its real path lies outside root's real path (a '..' climb
+    or a link out of the folder)."""
+    if os.path.isabs(name):
+        return None
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base or root, name))
+    return real if os.path.commonpath([real_root, real]) == real_root else None
+
+
 def confined_path(root: str, name: str, where: str, allow_outside: bool = False, setting: str = "") -> str:
-    """`name` (a path from a table) joined to `root`; a UserError naming `where` (file:line) when it is
-    absolute or climbs out of root with '..', unless allow_outside (then it is taken as given)."""
+    """`name` (a path from a table) under `root`, as its real path; a UserError naming `where` (file:line)
+    when it is absolute or leaves root by '..' or by a symbolic link, unless allow_outside (then it is
+    taken as given)."""
     if allow_outside:
         return os.path.join(root, name)
-    joined = os.path.normpath(os.path.join(root, name))
-    inside = os.path.normpath(root)
-    if os.path.isabs(name) or not (joined == inside or joined.startswith(inside.rstrip(os.sep) + os.sep)):
+    real = resolved_inside(root, name)
+    if real is None:
         hint = f" (set {setting}=true to allow paths outside it)" if setting else ""
         raise UserError(f"{where}: image path {name[:120]!r} points outside {root}{hint}")
-    return joined
+    return real
 
 
 def file_problem(path: str, max_bytes: int) -> Optional[str]:
@@ -62,10 +74,13 @@ def file_sha256(path: str) -> str:
 
 
 def checked_image_path(root: str, name: str, where: str, what: str = "image") -> str:
-    """An evaluation set's image path: confined to root (confined_path) and a regular file within
-    MAX_IMAGE_BYTES, else a UserError naming `where` and the problem (an evaluation set must be whole)."""
+    """An evaluation set's image path: confined to root (confined_path), a regular file within
+    MAX_IMAGE_BYTES whose header PIL reads and whose size is within the decode limit, else a UserError
+    naming `where` and the problem (an evaluation set must be whole; checked before any model loads)."""
+    from megatron_moca.data.image_processing import ImageProcessingConfig
+
     path = confined_path(root, name, where)
-    problem = file_problem(path, MAX_IMAGE_BYTES)
+    problem = image_file_problem(path, MAX_IMAGE_BYTES, ImageProcessingConfig())
     if problem:
         raise UserError(f"{where}: {what} {name} under {root}: {problem}")
     return path

@@ -97,7 +97,7 @@ def open_image(data, cfg: ImageProcessingConfig = ImageProcessingConfig()):
     except Image.DecompressionBombError:
         raise ImageTooLarge("the header exceeds PIL's decompression-bomb limit") from None
     except Exception as e:  # PIL raises many types for bad headers
-        raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+        raise ImageError(f"undecodable image ({type(e).__name__})") from None  # the type only: a stable reason
     if img.width * img.height > cfg.max_decode_pixels:
         raise ImageTooLarge(f"{img.width}x{img.height} exceeds the decode limit of {cfg.max_decode_pixels} pixels")
     return img
@@ -123,7 +123,7 @@ def decode_image(data: bytes, cfg: ImageProcessingConfig = ImageProcessingConfig
     try:
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from None
+        raise ImageError(f"undecodable image ({type(e).__name__})") from None
     return img
 
 

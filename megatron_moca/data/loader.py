@@ -203,6 +203,9 @@ _WORKER_DATASET = None
 
 def _init_worker(cfg: LoaderConfig, builder_factory) -> None:
     global _WORKER_DATASET
+    from megatron_moca.distributed.launch import init_loader_worker
+
+    init_loader_worker()
     _WORKER_DATASET = _SampleBuilderDataset(cfg, builder_factory)
 
 

@@ -9,7 +9,8 @@ which global batches visit them (spec moca-method.md, "Stage 2").
 
 Texts use Phi-3-V's `<|image_1|>` where the image goes (as MMEB-train does); a row without an image
 drops it. Image paths are relative to data.image_root (default: the entry's folder) and may not leave it
-(absolute paths and '..' are refused, naming the row, unless data.allow_images_outside_root). Every
+(absolute paths, '..' and symbolic links out of it are refused - real paths are compared -, naming the
+row, unless data.allow_images_outside_root). Every
 image is checked (a regular file within data.max_image_bytes whose header PIL reads) when the tables
 are read; a row with an unusable image is skipped and counted by reason (the reference substitutes a
 blank image instead: that trains the text to match a blank picture). Each subset is capped at
@@ -28,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, image_file_problem
+from megatron_moca.data.documents import LONE_SURROGATE, valid_unicode
+from megatron_moca.data.files import MAX_IMAGE_BYTES, confined_path, file_problem, image_file_problem
 from megatron_moca.data.image_processing import ImageProcessingConfig
 from megatron_moca.errors import UserError
 
@@ -49,7 +51,8 @@ class PairsDataConfig:
     image_root: Optional[str] = None
     """Folder the *_image_path columns are relative to (default: each data.paths entry's folder)."""
     allow_images_outside_root: bool = False
-    """Accept absolute image paths and paths that leave image_root with '..' (refused by default)."""
+    """Accept absolute image paths and paths that leave image_root by '..' or by a symbolic link (refused by
+    default: confinement compares real paths)."""
     max_image_bytes: int = MAX_IMAGE_BYTES
     """Largest image file read; rows naming a larger one are skipped and counted."""
     max_rows_per_subset: int = 50000
@@ -82,7 +85,9 @@ def _tables(path: str) -> List[Tuple[str, List[str]]]:
             raise UserError(f"data.paths: {path} is not a .jsonl or .parquet table")
         return [(os.path.basename(path).split(".")[0], [path])]
     if not os.path.isdir(path):
-        raise UserError(f"data.paths: {path} does not exist")
+        problem = file_problem(path, 0)
+        raise UserError(f"data.paths: {path} " + ("does not exist" if problem in (None, "missing") else
+                                                   f"is {problem}: name a table or a folder"))
 
     def tables_in(folder):
         return sorted(f for ext in TABLE_EXTS for f in glob.glob(os.path.join(folder, "*" + ext)))
@@ -186,6 +191,8 @@ class PairsData:
             raise UserError(f"{where}: texts must be strings, got {type(text).__name__}")
         if image is not None and not isinstance(image, str):
             raise UserError(f"{where}: image paths must be strings, got {type(image).__name__}")
+        if text and not valid_unicode(text):
+            raise UserError(f"{where}: {LONE_SURROGATE}")
         if not image:
             return text or "", None
         return text or "", confined_path(root, image, where, self.cfg.allow_images_outside_root,

@@ -23,12 +23,11 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from typing import Iterator, List, Optional, Tuple
 
-from megatron_moca.data.documents import Document, DocumentError, from_record
+from megatron_moca.data.documents import Document, DocumentError, ImageFiles, from_record
 from megatron_moca.data.image_processing import (ImageError, ImageProcessingConfig, ImageTooLarge, image_tokens,
                                                   open_image)
 from megatron_moca.data.shards import FORMAT, MANIFEST, SKIPPED, ShardInfo, ShardWriter, read_manifest, safe_key
@@ -40,14 +39,23 @@ WINDOW = 256  # records in flight per window: bounds memory whatever the corpus 
 
 
 def list_inputs(src: str) -> List[str]:
-    if os.path.isfile(src):
-        return [src]
-    if not os.path.isdir(src):
-        raise UserError(f"--input {src}: no such file or directory")
-    found = sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names
-                   if name.endswith(INPUT_SUFFIXES))
-    if not found:
-        raise UserError(f"--input {src}: no {', '.join(INPUT_SUFFIXES)} files inside")
+    """The input tables: `src` itself, or every .jsonl / .json / .parquet under it; one that is not a regular
+    file (a FIFO would block the reader forever) is refused in one line, before anything is opened."""
+    from megatron_moca.data.files import file_problem
+
+    if os.path.isdir(src):
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names
+                       if name.endswith(INPUT_SUFFIXES))
+        if not found:
+            raise UserError(f"--input {src}: no {', '.join(INPUT_SUFFIXES)} files inside")
+    else:
+        found = [src]
+    for path in found:
+        problem = file_problem(path, 0)
+        if problem:
+            where = f"--input {src}" + (f": {os.path.relpath(path, src)}" if path != src else "")
+            raise UserError(f"{where}: {'no such file or directory' if problem == 'missing' else problem}; "
+                            "inputs must be regular files")
     return found
 
 
@@ -62,6 +70,11 @@ def key_prefix(name: str) -> str:
 def iter_records(path: str, name: str) -> Iterator[Tuple[str, object]]:
     """(key, record or DocumentError) for every row of one input file, lazily; keys are
     key_prefix(name) (name: the file's path relative to the input root) and the row number."""
+    from megatron_moca.data.files import file_problem
+
+    problem = file_problem(path, 0)
+    if problem:  # a FIFO would block the reader forever
+        raise UserError(f"{path}: {'no such file' if problem == 'missing' else problem}; tables must be regular files")
     stem = key_prefix(name)
     if path.endswith(".parquet"):
         try:
@@ -125,11 +138,11 @@ def _checked_image_tokens(data: bytes) -> int:
 
 def _check(item) -> Tuple[str, object, int, int]:
     """(key, Document or reason, text tokens, image tokens)."""
-    key, record, base_dir, source = item
+    key, record, files, source = item
     try:
         if isinstance(record, DocumentError):
             raise record
-        doc = record if isinstance(record, Document) else from_record(record, key, base_dir, source)
+        doc = record if isinstance(record, Document) else from_record(record, key, files, source)
         text = sum(len(_TOKENIZER.encode(s)) for s in doc.segments if isinstance(s, str))
         images = sum(_checked_image_tokens(data) for data in doc.images)
         return key, doc, text, images
@@ -163,27 +176,49 @@ def partition_folder(output: str, partition: Tuple[int, int]) -> str:
 
 def prepare(src: str, output: str, workers: int = 0, max_shard_bytes: int = 256 * 2**20,
             tokenizer_dir: Optional[str] = None, progress: Optional[bool] = None,
-            partition: Optional[Tuple[int, int]] = None) -> dict:
+            partition: Optional[Tuple[int, int]] = None, allow_images_outside_root: bool = False) -> dict:
     """Convert interleaved JSONL/parquet files (a file or a folder of them) into shards + manifest;
-    with partition=(I, N), every N-th input file from the I-th into partition_folder(output)."""
-    inputs = list_inputs(src)
+    with partition=(I, N), every N-th input file from the I-th into partition_folder(output). Image paths
+    are read relative to their input file and confined to the input folder (real paths) unless
+    allow_images_outside_root."""
+    from megatron_moca.ownership import claim
+
     root = os.path.abspath(src) if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    real_output = os.path.realpath(output)
+    if os.path.isdir(src) and os.path.commonpath([os.path.realpath(root), real_output]) == os.path.realpath(root):
+        raise UserError(f"--output {output} is inside --input {src}: prepare would read its own files as input; "
+                        "choose an output folder outside the input folder")
+    all_inputs = list_inputs(src)
+    all_names = [os.path.relpath(os.path.abspath(p), root) for p in all_inputs]
+    inputs = all_inputs
     if partition is not None:
-        inputs = inputs[partition[0]::partition[1]]
-        output = partition_folder(output, partition)
+        inputs = all_inputs[partition[0]::partition[1]]
         if not inputs:
             raise UserError(f"--partition {partition[0]}/{partition[1]}: no input file falls in it "
                             f"(fewer input files than partitions)")
+        claim(output, "moca data prepare")  # the folder of the partitions (moca data merge writes there)
+        output = partition_folder(output, partition)
     names = [os.path.relpath(os.path.abspath(p), root) for p in inputs]
+    settings = {"max_shard_bytes": max_shard_bytes, "tokenizer": tokenizer_dir, "format": FORMAT,
+                "allow_images_outside_root": allow_images_outside_root}
     fingerprint = {"inputs": [[name, os.path.getsize(p), os.stat(p).st_mtime_ns] for name, p in zip(names, inputs)],
-                   "max_shard_bytes": max_shard_bytes, "tokenizer": tokenizer_dir, "format": FORMAT}
+                   **settings}
+    # what `moca data merge` checks: every partition cut from the same list of input files (where, names, sizes,
+    # modification times) with the same settings
+    listing = json.dumps([os.path.realpath(root)] + [[name, os.path.getsize(p), os.stat(p).st_mtime_ns]
+                                                    for name, p in zip(all_names, all_inputs)])
+    provenance = {"inputs_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest(),
+                  "input_files": len(all_inputs), "partition": list(partition) if partition else None,
+                  "settings": settings}
 
     def items():
         for path, name in zip(inputs, names):
+            files = ImageFiles(os.path.dirname(os.path.abspath(path)), root, allow_images_outside_root)
             for key, record in iter_records(path, name):
-                yield key, record, os.path.dirname(os.path.abspath(path)), name
+                yield key, record, files, name
 
-    return write_corpus(items(), output, names, workers, max_shard_bytes, tokenizer_dir, progress, fingerprint)
+    return write_corpus(items(), output, names, workers, max_shard_bytes, tokenizer_dir, progress, fingerprint,
+                        provenance)
 
 
 class _Progress:
@@ -208,12 +243,25 @@ class _Progress:
 
 def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers: int = 0,
                  max_shard_bytes: int = 256 * 2**20, tokenizer_dir: Optional[str] = None,
-                 progress: Optional[bool] = None, fingerprint: Optional[dict] = None) -> dict:
-    """Validate, measure and shard (key, record | Document | DocumentError, base dir, input name) items.
-    A folder holding prepare_state.json of the same job (fingerprint) is resumed after its last
-    complete shard; a folder holding the same job's manifest is returned as it is."""
+                 progress: Optional[bool] = None, fingerprint: Optional[dict] = None,
+                 provenance: Optional[dict] = None) -> dict:
+    """Validate, measure and shard (key, record | Document | DocumentError, ImageFiles, input name) items
+    into `output` (new, empty, or this command's earlier output: ownership.claim). A folder holding
+    prepare_state.json of the same job (fingerprint) is resumed after its last complete shard; a folder
+    holding the same job's manifest is returned as it is. provenance goes into the manifest as it is."""
+    from megatron_moca.ownership import claim
+    from megatron_moca.run_lock import exclusive
+
     fingerprint = fingerprint or {"inputs": inputs, "max_shard_bytes": max_shard_bytes, "tokenizer": tokenizer_dir,
                                   "format": FORMAT}
+    claim(output, "moca data prepare", legacy=lambda folder: os.path.isfile(os.path.join(folder, STATE)))
+    with exclusive(output, "moca data prepare"):
+        return _write_corpus(items, output, inputs, workers, max_shard_bytes, tokenizer_dir, progress, fingerprint,
+                             provenance)
+
+
+def _write_corpus(items, output, inputs, workers, max_shard_bytes, tokenizer_dir, progress, fingerprint,
+                  provenance) -> dict:
     state = _resumable_state(output, fingerprint)
     if state is not None and state.get("complete"):
         with open(os.path.join(output, MANIFEST)) as f:
@@ -260,7 +308,7 @@ def write_corpus(items: Iterator[tuple], output: str, inputs: List[str], workers
         shards = writer.close()
     shown.show(totals["samples"], sum(skipped.values()), sum(s.bytes for s in shards), final=True)
     manifest = {"format": FORMAT, "inputs": inputs, "totals": totals, "skipped": dict(sorted(skipped.items())),
-                "shards": [vars(s) for s in shards]}
+                "shards": [vars(s) for s in shards], **({"provenance": provenance} if provenance else {})}
     _write_json(os.path.join(output, MANIFEST), manifest)
     _write_json(os.path.join(output, STATE), {"fingerprint": fingerprint, "complete": True})
     return manifest
@@ -273,11 +321,16 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def _written_here(name: str) -> bool:
+    """Whether a name in a prepare output is one prepare writes (shards, their index and staging files, the
+    manifest, skip log and state, temporary files): only those are ever removed."""
+    return name.startswith("shard-") or name in (MANIFEST, SKIPPED, STATE) or name.endswith(".tmp")
+
+
 def _resumable_state(output: str, fingerprint: dict) -> Optional[dict]:
-    """The saved progress of this same job in `output` (None for a new or empty folder), with every file
-    that the last complete shard does not account for removed; a UserError for a folder of anything else."""
-    if not os.path.exists(output) or not os.listdir(output):
-        return None
+    """The saved progress of this same job in `output` (a claimed folder; None when it holds none), with every
+    file of ours that the last complete shard does not account for removed; a UserError for the output of
+    another job (other inputs or settings)."""
     path = os.path.join(output, STATE)
     state = None
     if os.path.isfile(path):
@@ -286,16 +339,17 @@ def _resumable_state(output: str, fingerprint: dict) -> Optional[dict]:
                 state = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError):
             state = None
-    if state is None or state.get("fingerprint") != fingerprint:
-        what = "another job's output (other inputs or settings)" if state else "not the output of this command"
-        raise UserError(f"--output {output}: exists, is not empty and is {what}; choose a new directory")
-    if state.get("complete"):
+    if state is not None and state.get("fingerprint") != fingerprint:
+        saved = state.get("fingerprint") or {}
+        differ = next((k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)), "?")
+        raise UserError(f"--output {output}: holds the output of another prepare ({differ} differs: other inputs or "
+                        "settings); choose a new directory, or rerun that prepare's own command")
+    if state is not None and state.get("complete"):
         return state
-    keep = {STATE, SKIPPED} | {n for s in state["shards"] for n in (s["name"], s["name"] + ".idx")}
+    keep = {STATE, SKIPPED} | ({n for s in state["shards"] for n in (s["name"], s["name"] + ".idx")} if state else set())
     for name in os.listdir(output):
-        if name not in keep:  # a shard cut by the kill, later shards, temporary files
-            target = os.path.join(output, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        if name not in keep and _written_here(name):  # a shard cut by the kill, later shards, temporary files
+            os.remove(os.path.join(output, name))
     return state
 
 
@@ -315,12 +369,23 @@ def merge(output: str) -> dict:
     if missing:
         raise UserError(f"{output}: partition {missing[0]} is missing or incomplete ({len(missing)} of {len(expected)}); "
                         "rerun its prepare command")
+    from megatron_moca.ownership import claim
+    from megatron_moca.run_lock import exclusive
+
+    claim(output, "moca data prepare", "moca data merge", legacy=lambda folder: True)  # it holds our partitions
+    with exclusive(output, "moca data merge"):
+        return _merge(output, expected, count)
+
+
+def _merge(output: str, expected: List[str], count: int) -> dict:
     merged = {"format": FORMAT, "inputs": [], "totals": {}, "skipped": {}, "shards": [], "partitions": expected}
-    for name in expected:
+    first = None
+    for index, name in enumerate(expected):
         folder = os.path.join(output, name)
         read_manifest(folder, "moca data merge")  # every shard present with its recorded size
         with open(os.path.join(folder, MANIFEST)) as f:
             part = json.load(f)
+        first = _same_job(output, name, part.get("provenance"), first, [index, count])
         merged["inputs"] += part["inputs"]
         for key, n in part["totals"].items():
             merged["totals"][key] = merged["totals"].get(key, 0) + n
@@ -328,5 +393,21 @@ def merge(output: str) -> dict:
             merged["skipped"][reason] = merged["skipped"].get(reason, 0) + n
         merged["shards"] += [{**s, "name": f"{name}/{s['name']}"} for s in part["shards"]]
     merged["skipped"] = dict(sorted(merged["skipped"].items()))
+    merged["provenance"] = {**first, "partition": None}
     _write_json(os.path.join(output, MANIFEST), merged)
     return merged
+
+
+def _same_job(output: str, name: str, provenance: Optional[dict], first: Optional[dict], partition: list) -> dict:
+    """A partition's recorded provenance, checked against the folder it is in and the first partition's
+    (the same list of input files, the same settings); a UserError naming what differs."""
+    if not isinstance(provenance, dict) or provenance.get("partition") != partition:
+        raise UserError(f"{output}/{name}: its manifest does not record it as partition {partition[0]}/{partition[1]} "
+                        "(written by an earlier release, or moved here); rerun its prepare command")
+    if first is not None:
+        for key, what in (("inputs_sha256", "from other input files"), ("input_files", "from other input files"),
+                          ("settings", "with other settings")):
+            if provenance.get(key) != first.get(key):
+                raise UserError(f"{output}: {name} was prepared {what} than part-00000 ({key} differs); merge only "
+                                "the partitions of one prepare job")
+    return provenance

@@ -276,10 +276,10 @@ def read_shard(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[
 
 
 def index_shard(path: str) -> List[int]:
-    """Byte offsets of each sample's first member: from the `.idx` file, else by scanning the tar."""
-    if os.path.isfile(path + ".idx"):
-        with open(path + ".idx", "rb") as f:
-            raw = f.read()
+    """Byte offsets of each sample's first member: from the `.idx` file, else (no .idx, or one cut short: not
+    a whole number of 8-byte offsets) by scanning the tar."""
+    raw = _index_bytes(path)
+    if raw is not None and len(raw) % 8 == 0:
         return list(struct.unpack(f"<{len(raw) // 8}q", raw))
     offsets, current = [], None
     try:
@@ -292,6 +292,16 @@ def index_shard(path: str) -> List[int]:
     except (OSError, tarfile.TarError, EOFError):
         pass  # a truncated tar: the samples before the cut are indexed, reading them reports the rest
     return offsets
+
+
+def _index_bytes(path: str) -> Optional[bytes]:
+    """The content of the shard's `.idx` (None where there is none or it is not a regular file)."""
+    from megatron_moca.data.files import file_problem
+
+    if file_problem(path + ".idx", 0):
+        return None
+    with open(path + ".idx", "rb") as f:
+        return f.read()
 
 
 def read_sample(path: str, offset: int, max_member_bytes: int = MAX_MEMBER_BYTES) -> Union[Document, ReadError]:
@@ -372,8 +382,12 @@ def verify_shards(folder: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> List
         read = check.samples + sum(n for kind, n in check.bad_samples.items() if kind != "unreadable_shard")
         if read != entry["samples"]:
             check.problems.append(f"holds {read} samples, the manifest says {entry['samples']}")
-        if os.path.isfile(path + ".idx") and len(index_shard(path)) != read:
-            check.problems.append(f"its .idx lists {len(index_shard(path))} samples, the shard holds {read}")
+        raw = _index_bytes(path)
+        if raw is not None and len(raw) % 8:
+            check.problems.append(f"its .idx is cut short ({len(raw)} bytes, not whole 8-byte offsets): delete it "
+                                  "(readers then scan the shard) or copy it again")
+        elif raw is not None and len(raw) // 8 != read:
+            check.problems.append(f"its .idx lists {len(raw) // 8} samples, the shard holds {read}")
         if check.bad_samples:
             check.problems.append("unusable samples: " + ", ".join(f"{n} {k}" for k, n in check.bad_samples.items()))
         checks.append(check)

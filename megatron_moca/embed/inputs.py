@@ -51,12 +51,12 @@ class EmbeddingInputs:
         self.base_dir = base_dir
 
     def sample(self, item: Item, index: int):
-        from megatron_moca.data.documents import DocumentError, from_record
+        from megatron_moca.data.documents import DocumentError, ImageFiles, from_record
 
         record = {"text": item} if isinstance(item, str) else item
+        files = ImageFiles(self.base_dir or os.getcwd(), allow_outside=True)  # the caller's own paths
         try:
-            return self.builder.build(from_record(record, f"input{index}", base_dir=self.base_dir or os.getcwd()),
-                                      np.random.default_rng(0))
+            return self.builder.build(from_record(record, f"input{index}", files), np.random.default_rng(0))
         except DocumentError as e:
             raise UserError(f"embedding input {index}: {e}") from None
 

@@ -10,7 +10,9 @@ non-padding token of its input), mean pooling of the final hidden states (after 
 the input's tokens, L2 normalisation - MoCa's embedding. Inputs: strings, PIL images, or
 {"text": ..., "image": ...} dicts. A prompt is put before the text; an image's tokens go where the
 prompt or text says "<img>", else first. No chat template, no EOS. Images are resized within the
-release's preprocessor_config.json bounds (what training used); inputs are not truncated.
+release's preprocessor_config.json bounds (what training used); inputs are cut at the release's
+max_length (moca_embedding.json) as training and MocaEmbedder cut them: text at the budget, an image
+that would not fit whole dropped with everything after it.
 
 This file depends on torch and transformers only: it must load where the training package is not
 installed. (The M-RoPE positions are computed here for the same reason: transformers' own helper has
@@ -69,11 +71,31 @@ def _positions(ids: torch.Tensor, valid: torch.Tensor, grids: List[List[int]], p
 class MocaEmbedding(torch.nn.Module):
     """sentence-transformers module: inputs -> {"sentence_embedding": [n, hidden]} (L2-normalised)."""
 
-    def __init__(self, model, tokenizer, image_processor, folder: str):
+    def __init__(self, model, tokenizer, image_processor, folder: str, max_length: int = 0):
         super().__init__()
         self.model, self.tokenizer, self.image_processor, self.folder = model, tokenizer, image_processor, folder
         self.merge = model.config.vision_config.spatial_merge_size
         self.pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.start_id = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.max_length = max_length  # 0: inputs are not cut
+
+    def _cut(self, tokens: List[int]) -> List[int]:
+        """The first max_length tokens; an image block (start, pads, end) that would be cut is dropped whole
+        with everything after it."""
+        if not self.max_length or len(tokens) <= self.max_length:
+            return tokens
+        i = 0
+        while i < self.max_length:
+            if tokens[i] == self.start_id:
+                end = i + 1
+                while end < len(tokens) and tokens[end] == self.pad_id:
+                    end += 1
+                if end + 1 > self.max_length:
+                    return tokens[:i]
+                i = end + 1
+            else:
+                i += 1
+        return tokens[:self.max_length]
 
     @property
     def modalities(self):
@@ -84,7 +106,12 @@ class MocaEmbedding(torch.nn.Module):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).model.eval()
-        return cls(model, AutoTokenizer.from_pretrained(folder), _image_processor(folder), folder)
+        settings = os.path.join(folder, "moca_embedding.json")
+        max_length = 0
+        if os.path.isfile(settings):
+            with open(settings) as f:
+                max_length = int(json.load(f).get("max_length") or 0)
+        return cls(model, AutoTokenizer.from_pretrained(folder), _image_processor(folder), folder, max_length)
 
     def save(self, output_path: str, *args, **kwargs) -> None:
         """The release folder is the saved form; saving elsewhere writes the model, tokenizer and processor."""
@@ -128,7 +155,25 @@ class MocaEmbedding(torch.nn.Module):
             counts = iter((features["image_grid_thw"].prod(-1) // self.merge ** 2).tolist())
             texts = [text.replace("\0", VISION.format(IMAGE_PAD * next(counts))) if image is not None else text
                      for text, image in pairs]
-        encoded = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        encoded = [self._cut(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        if images:  # the pixels of the images that were kept
+            kept = [ids.count(self.start_id) for ids in encoded]
+            grids = features["image_grid_thw"]
+            patches = grids.prod(-1).tolist()
+            keep_images, keep_patches, image, offset = [], [], 0, 0
+            for (_, item_image), n in zip(pairs, kept):
+                if item_image is None:
+                    continue
+                if n:
+                    keep_images.append(image)
+                    keep_patches.append(torch.arange(offset, offset + patches[image]))
+                offset += patches[image]
+                image += 1
+            if keep_images:
+                features["pixel_values"] = features["pixel_values"][torch.cat(keep_patches)]
+                features["image_grid_thw"] = grids[keep_images]
+            else:
+                del features["pixel_values"], features["image_grid_thw"]
         length = max(len(ids) for ids in encoded)
         ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         valid = torch.zeros(len(encoded), length, dtype=torch.bool)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 from megatron_moca.safe_load import load_json
 
@@ -32,7 +32,7 @@ def _read(folder: str, name: str, default):
 def _write_json(folder: str, name: str, value) -> None:
     tmp = os.path.join(folder, name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
+        json.dump(value, f, indent=1, allow_nan=False)
     os.replace(tmp, os.path.join(folder, name))
 
 
@@ -141,11 +141,16 @@ with bidirectional attention and mean pooling (its `Qwen2_5ForEmbedding` with `b
 """
 
 
-def write_model_card(folder: str) -> str:
-    """README.md of the folder (replaced; a card not written by us is left alone unless the folder has our records)."""
+def write_model_card(folder: str) -> Optional[str]:
+    """README.md of the folder (replaced when we wrote it). Another card (a base model's, or one a user wrote)
+    is moved to README.base.md beside ours - unless that name is taken too: then neither is touched and
+    None is returned (the scores stay in moca_results.json)."""
     path = os.path.join(folder, CARD_FILE)
-    if os.path.isfile(path) and GENERATED not in open(path, errors="replace").read():
-        os.replace(path, os.path.join(folder, "README.base.md"))  # a base model's card is kept beside ours
+    if os.path.lexists(path) and (not os.path.isfile(path) or GENERATED not in open(path, errors="replace").read()):
+        kept = os.path.join(folder, "README.base.md")
+        if os.path.lexists(kept):
+            return None
+        os.replace(path, kept)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(render_model_card(folder))

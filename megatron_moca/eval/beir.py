@@ -10,10 +10,12 @@ An image is a path relative to the folder, raw bytes, or a {"bytes": ..., "path"
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
+from megatron_moca.data.documents import LONE_SURROGATE, valid_unicode
 from megatron_moca.errors import UserError
 
 
@@ -75,6 +77,8 @@ def _read_entries(folder: str, name: str, id_key: str) -> List[Entry]:
         entry = Entry(str(row.get("_id", row.get(id_key))), str(row.get("text") or row.get("query") or ""), image)
         if not entry.text and entry.image is None:
             raise UserError(f"{where}: record {entry.id} has neither text nor image")
+        if not valid_unicode(entry.text):
+            raise UserError(f"{where}: record {entry.id!r}: {LONE_SURROGATE}")
         if entry.id in first_seen:
             raise UserError(f"{where}: id {entry.id!r} again (first at line {first_seen[entry.id]}); ids must be unique")
         first_seen[entry.id] = n
@@ -101,9 +105,12 @@ def _read_qrels(folder: str, split: str) -> Dict[str, Dict[str, float]]:
         if len(row) < 3 or row[0] is None or row[1] is None:
             raise UserError(f"{source}:{n}: expected query-id, corpus-id, score")
         try:
-            qrels.setdefault(str(row[0]), {})[str(row[1])] = float(row[2])
+            grade = float(row[2])
         except (TypeError, ValueError):
             raise UserError(f"{source}:{n}: score {row[2]!r} is not a number") from None
+        if not math.isfinite(grade):
+            raise UserError(f"{source}:{n}: score {row[2]!r} is not a finite number (qrels grade relevance: 0, 1, 2, ...)")
+        qrels.setdefault(str(row[0]), {})[str(row[1])] = grade
     return qrels
 
 

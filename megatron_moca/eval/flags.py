@@ -44,15 +44,15 @@ def fetch_npm_tarball(cache: str, log=print) -> str:
 
 
 def build_flags(output: str, cache: str, log=print) -> Dict[str, object]:
-    from megatron_moca.conversion.convert import staged_output
     from megatron_moca.eval.beir import write_jsonl
     from megatron_moca.eval.svg import svg_rasteriser
+    from megatron_moca.ownership import staged
 
     rasterise = svg_rasteriser(width=320)
     if rasterise is None:
         raise UserError("the flags are SVG files: install cairosvg (pip install cairosvg, part of the dev extra)")
     tarball = fetch_npm_tarball(cache, log)
-    with tarfile.open(tarball) as tar, staged_output(output) as staging:
+    with tarfile.open(tarball) as tar, staged(output, "moca data evalset") as staging:
         countries = json.load(tar.extractfile("package/country.json"))
         names = [c["name"] for c in countries]
         if len(set(names)) != len(names):

@@ -68,12 +68,12 @@ def _outline(pdf) -> List[Tuple[int, str, int]]:
 def build_mini_vidore(output: str, cache: str, log=print) -> Dict[str, object]:
     import pypdfium2 as pdfium
 
-    from megatron_moca.conversion.convert import staged_output
     from megatron_moca.data.demo_corpus import fetch_packages, render_page_png
     from megatron_moca.eval.beir import write_beir
+    from megatron_moca.ownership import staged
 
     used = fetch_packages(cache, log, packages=PACKAGES, alternative="evaluate on your own BEIR-layout folder instead")
-    with staged_output(output) as staging:
+    with staged(output, "moca data evalset") as staging:
         os.makedirs(os.path.join(staging, "images"))
         corpus, queries, qrels = [], [], []
         for package, rel in MANUALS:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_moca.data.documents import LONE_SURROGATE, valid_unicode
 from megatron_moca.data.files import checked_image_path
 from megatron_moca.embed.inputs import PHI3V_IMAGE, embedder_input
 from megatron_moca.errors import UserError
@@ -101,6 +102,8 @@ def _checked_row(row, where: str) -> dict:
         raise UserError(f"{where}: tgt_text and tgt_img_path must be non-empty lists of equal length")
     if not all(isinstance(t, str) or t is None for t in [row["qry_text"], *texts]):
         raise UserError(f"{where}: qry_text and tgt_text entries must be strings")
+    if not all(valid_unicode(t) for t in [row["qry_text"], *texts] if t is not None):
+        raise UserError(f"{where}: {LONE_SURROGATE}")
     return row
 
 

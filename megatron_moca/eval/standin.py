@@ -35,13 +35,20 @@ def _text_image_documents(shards: str, query_words: int) -> Iterator[Tuple[str, 
 
 def build_standin(shards: str, output: str, max_queries: int = 200, query_words: int = 40,
                   train_pairs: int = 0) -> dict:
-    from megatron_moca.data.shards import image_ext, manifest_path
-    from megatron_moca.eval.beir import write_beir, write_jsonl
+    from megatron_moca.data.shards import manifest_path
+    from megatron_moca.ownership import staged
 
     manifest_path(shards, "--input")
-    if os.path.exists(output) and os.listdir(output):
-        raise UserError(f"--output {output}: exists and is not empty; choose a new directory")
-    os.makedirs(os.path.join(output, "images"), exist_ok=True)
+    with staged(output, "moca data standin") as staging:  # renamed onto --output when complete
+        counts = _write_standin(shards, staging, max_queries, query_words, train_pairs)
+    return {**counts, "output": output}
+
+
+def _write_standin(shards: str, output: str, max_queries: int, query_words: int, train_pairs: int) -> dict:
+    from megatron_moca.data.shards import image_ext
+    from megatron_moca.eval.beir import write_beir, write_jsonl
+
+    os.makedirs(os.path.join(output, "images"))
     # evaluation documents spread evenly over the shards (so over the corpus's sources), training pairs
     # spread evenly over the rest
     eligible = sum(1 for _ in _text_image_documents(shards, query_words))
@@ -77,4 +84,4 @@ def build_standin(shards: str, output: str, max_queries: int = 200, query_words:
             row.update(neg_text=[DOCUMENT_PROMPT], neg_image_path=[pairs[(i + 1) % len(pairs)]["pos_image_path"]])
         os.makedirs(os.path.join(output, "train", "DemoPairs"))
         write_jsonl(os.path.join(output, "train", "DemoPairs", "train.jsonl"), pairs)
-    return {"queries": len(queries), "documents": len(corpus), "train_pairs": len(pairs), "output": output}
+    return {"queries": len(queries), "documents": len(corpus), "train_pairs": len(pairs)}

@@ -48,10 +48,10 @@ def stamp_pairs(root: str) -> List[Tuple[str, str]]:
 
 
 def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
-    from megatron_moca.conversion.convert import staged_output
     from megatron_moca.data.demo_corpus import fetch_packages
     from megatron_moca.eval.beir import write_beir
     from megatron_moca.eval.svg import svg_rasteriser
+    from megatron_moca.ownership import staged
 
     (package, version), = fetch_packages(cache, log, packages=[PACKAGE],
                                          alternative="evaluate on your own BEIR-layout folder instead")
@@ -60,7 +60,7 @@ def build_tuxpaint(output: str, cache: str, log=print) -> Dict[str, object]:
         raise UserError(f"{package}: no stamps with captions found under {STAMPS}")
     rasterise = svg_rasteriser(width=512)
     skipped = {"svg_without_cairosvg": 0, "svg_unreadable": 0}
-    with staged_output(output) as staging:
+    with staged(output, "moca data evalset") as staging:
         os.makedirs(os.path.join(staging, "images"))
         corpus, caption_ids, qrels = [], {}, []
         for path, caption in pairs:

@@ -48,6 +48,8 @@ class ContrastiveSteps(torch.utils.data.Dataset):
 
 def step_loader(steps: ContrastiveSteps, start: int, num_workers: int):
     """Items start, start+1, ... of `steps` in order, built ahead by `num_workers` processes."""
+    from megatron_moca.distributed.launch import init_loader_worker
+
     return iter(torch.utils.data.DataLoader(steps, sampler=range(start, len(steps)), batch_size=None,
                                             num_workers=num_workers, prefetch_factor=2 if num_workers else None,
-                                            persistent_workers=False))
+                                            persistent_workers=False, worker_init_fn=init_loader_worker))

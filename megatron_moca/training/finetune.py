@@ -286,7 +286,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     if folder:
         load_optimizer_and_rng(folder, optimizer, encoder if fsdp else None)
     iteration = resumed_at or 0
-    open_run_directory(cfg, folder, iteration)
+    open_run_directory(cfg, folder, iteration, "moca finetune")
     if rank == 0:
         skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items())
         log.info("stage 2: %d pairs in %d subsets, %d steps per epoch, %d iterations, %d data-parallel ranks%s%s",
@@ -298,4 +298,4 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                              cfg.train.micro_batch_size)
     stage = Stage2(cfg, model, encoder, optimizer, step_loader(steps, iteration, cfg.data.num_workers), train_iters,
                    identity, embedding, tied, base_config, device)
-    return train(stage, LoopSettings.of(cfg, train_iters, dp), iteration, consumed)
+    return train(stage, LoopSettings.of(cfg, train_iters, dp, device), iteration, consumed)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_moca.checkpointing import iteration_dir, write_tracker
 from megatron_moca.errors import UserError
+from megatron_moca.ownership import mark, publish, remove_ours
 from megatron_moca.safe_load import load_json, load_weights_only
 from megatron_moca.training.rng import process_rng_state, set_process_rng_state
 
@@ -99,10 +99,7 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
     encoder: the FSDP-sharded PooledEncoder (None: a replicated run)."""
     rank = dist.get_rank()
     final = iteration_dir(save, iteration)
-    staging = final + ".partial"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+    staging = _staging(final)
     dist.barrier()
     torch.save(process_rng_state(), os.path.join(staging, f"rng_rank{rank}.pt"))
     if encoder is not None:
@@ -115,11 +112,20 @@ def save_checkpoint(save: str, base: str, model, optimizer, iteration: int, iden
                        **identity}, f, indent=2)
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # a same-numbered folder of a run killed before its tracker moved
-        os.replace(staging, final)
+        publish(staging, final, "checkpoint.save")  # replaces a same-numbered folder of a run killed before its tracker moved
         write_tracker(save, iteration)
     dist.barrier()
     return final
+
+
+def _staging(final: str) -> str:
+    """`final`.partial, fresh and marked as ours (rank 0 makes it; a killed run's is cleared - only if ours)."""
+    staging = final + ".partial"
+    if dist.get_rank() == 0:
+        remove_ours(staging)
+        os.makedirs(staging)
+        mark(staging, "moca finetune")
+    return staging
 
 
 def _save_replicated(staging: str, base: str, model, optimizer, embedding: Optional[dict]) -> None:
@@ -198,10 +204,7 @@ def write_release(save: str, base: str, model, dtype: torch.dtype, embedding: Op
     """<save>/release/ (written by rank 0; collective with FSDP), replacing an older one only once the new
     one is complete; `training` (what the run did) goes into moca_training.json and the model card."""
     folder = os.path.join(save, RELEASE)
-    staging = folder + ".partial"
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+    staging = _staging(folder)
     write_hf_folder(model, base, staging, dtype, embedding, tied)
     if dist.get_rank() == 0:
         if training is not None:
@@ -209,7 +212,6 @@ def write_release(save: str, base: str, model, dtype: torch.dtype, embedding: Op
 
             write_training_record(staging, training)
             write_model_card(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        publish(staging, folder, "checkpoint.save")
     dist.barrier()
     return folder

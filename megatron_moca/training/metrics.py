@@ -88,8 +88,14 @@ class MetricsWriter:
         except ImportError:
             raise UserError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
         run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]  # the run directory's
-        return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(run_dir)), id=run_id,
-                          resume="allow", dir=run_dir, config=config)
+        try:
+            return wandb.init(project=project, name=name or os.path.basename(os.path.normpath(run_dir)), id=run_id,
+                              resume="allow", dir=run_dir, config=config)
+        except Exception as e:  # not logged in (UsageError), no network (CommError), ...: W&B's own message, one line
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"logging.wandb_project={project}: W&B did not start ({type(e).__name__}: {first}); run "
+                            "`wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to write the run under "
+                            "checkpoint.save") from None
 
     @staticmethod
     def _tensorboard(folder: str, explicit: bool):
@@ -103,7 +109,7 @@ class MetricsWriter:
 
     def write(self, record: Dict[str, float]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         scalars = {f"train/{key}": value for key, value in _scalars(record)
                    if key != "step" and value is not None and math.isfinite(value)}
         if self.tensorboard is not None:
@@ -118,6 +124,18 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def finite_json(value):
+    """`value` with every non-finite float as None: JSON has no NaN / Infinity (Python's json writes them, and
+    strict readers - jq, JavaScript, pandas' engine - refuse the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _scalars(record: dict):

@@ -38,7 +38,40 @@ def panels(runs: Dict[str, List[dict]]) -> List[str]:
     return [k for k in losses + rest if k in keys]
 
 
+PNG_SOFTWARE = "megatron_moca"
+"""The PNG text field (Software) every figure of the project carries: an existing --output file is replaced only
+when it has it."""
+
+
+def check_png_output(output: str, flag: str = "--output") -> None:
+    """Refuse (one line) a figure path that is not a .png or that would replace a file the project did not write."""
+    if not output.lower().endswith(".png"):
+        raise UserError(f"{flag} {output}: name a .png file (the figure is written as PNG)")
+    if not os.path.lexists(output):
+        return
+    written_by_us = False
+    if os.path.isfile(output) and not os.path.islink(output):
+        from PIL import Image
+
+        try:
+            with Image.open(output) as image:
+                written_by_us = getattr(image, "text", {}).get("Software") == PNG_SOFTWARE
+        except Exception:  # not an image at all: not ours
+            written_by_us = False
+    if not written_by_us:
+        raise UserError(f"{flag} {output}: exists and was not written by megatron_moca; choose a new file name")
+
+
+def save_png(fig, output: str) -> str:
+    """The figure as PNG at exactly `output` (tagged as ours, replaced atomically)."""
+    tmp = output + ".tmp"
+    fig.savefig(tmp, dpi=100, format="png", metadata={"Software": PNG_SOFTWARE})
+    os.replace(tmp, output)
+    return output
+
+
 def plot_runs(run_dirs: Sequence[str], output: str, width: float = 12.0) -> str:
+    check_png_output(output)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -63,6 +96,6 @@ def plot_runs(run_dirs: Sequence[str], output: str, width: float = 12.0) -> str:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
+    save_png(fig, output)
     plt.close(fig)
     return output

@@ -173,7 +173,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
         resumed = load_training_checkpoint(cfg, layout, model, optimizer, scheduler)
         iteration, loader_state, resumed_from = resumed.iteration, resumed.loader_state, resumed.folder
         consumed = resumed.consumed_tokens
-    open_run_directory(cfg, resumed_from, iteration)
+    open_run_directory(cfg, resumed_from, iteration, "moca pretrain")
 
     tokens = cfg.model.tokens
     loader = Stage1Loader(cfg.data, stage1_builder_factory(cfg.tokenizer, cfg.sample), tokens.pad_token_id,
@@ -183,7 +183,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                           cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
                           _image_decoder(cfg), ps.get_data_parallel_group(), replica_group, source)
     stage = Stage1(cfg, layout, model, ddp_model, optimizer, scheduler, loader, batches)
-    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world), iteration, consumed)
+    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world, layout.device), iteration, consumed)
 
 
 def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:

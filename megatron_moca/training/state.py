@@ -33,6 +33,28 @@ class Resumed:
     consumed_tokens: float = 0.0
 
 
+def data_identity(cfg: PretrainConfig) -> dict:
+    """What a resumed stage-1 run must share with the checkpoint's run (checkpoint.allow_data_change waives it)."""
+    import os
+
+    d = cfg.data
+    return {"global_batch_size": cfg.train.global_batch_size, "paths": [os.path.abspath(p) for p in d.paths],
+            "weights": d.weights, "max_samples_per_source": d.max_samples_per_source, "sample_order": d.sample_order,
+            "seed": d.seed}
+
+
+def _check_same_data(cfg: PretrainConfig, folder: str, saved: Optional[dict]) -> None:
+    if saved is None or cfg.checkpoint.allow_data_change:  # checkpoints written before it was recorded
+        return
+    ours = data_identity(cfg)
+    for key, value in ours.items():
+        if saved.get(key) != value:
+            where = "train" if key == "global_batch_size" else "data"
+            raise UserError(f"{folder} was trained with {where}.{key}={saved.get(key)!r}, this run has {value!r}: "
+                            "resume with the run's own settings (its config.yaml), or set "
+                            "checkpoint.allow_data_change=true to continue with the new ones")
+
+
 def _optimizer_metadata(cfg: PretrainConfig) -> dict:
     kind = "fully_reshardable" if cfg.checkpoint.optim_fully_reshardable else "dp_reshardable"
     return {"distrib_optim_sharding_type": kind}
@@ -81,6 +103,7 @@ def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     # optimizer's only in the fully reshardable layout
     reshardable = not cfg.parallel.use_distributed_optimizer or cfg.checkpoint.optim_fully_reshardable
     extra = {"iteration": iteration, "consumed_tokens": consumed_tokens, "layout": _layout_dict(layout),
+             "data": data_identity(cfg),
              "scheduler": scheduler.state_dict(), "optimizer_metadata": metadata,
              "optimizer_reshardable": reshardable}
     return save_model(model, cfg.model, cfg.checkpoint.save, iteration, extra=extra,
@@ -127,6 +150,7 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
     if differ:
         raise UserError(f"checkpoint.save={cfg.checkpoint.save} holds a run of another model (model.{differ[0]} "
                         "differs): resume with that run's config.yaml, or name a new checkpoint.save")
+    _check_same_data(cfg, folder, meta.get("data"))
     saved, now = meta["layout"], _layout_dict(layout)
     if saved["data_parallel_size"] != now["data_parallel_size"]:
         raise UserError(f"{folder} was saved with {saved['data_parallel_size']} data-parallel ranks, this run has "

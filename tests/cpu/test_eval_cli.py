@@ -34,8 +34,11 @@ def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
     assert sharded.keys() == metrics.keys()
     for key, value in metrics.items():
         assert sharded[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+    with open(os.path.join(standin, "mine.txt"), "w") as f:  # a user's file in the stand-in folder
+        f.write("mine")
     again = run_moca("data", "standin", "--input", shards, "--output", standin)
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    assert again.returncode == 2 and "holds 'mine.txt', which megatron_moca did not write there" in again.stderr
+    assert open(os.path.join(standin, "mine.txt")).read() == "mine"
 
 
 def test_standin_training_pairs_are_other_documents_in_the_mmeb_train_layout(tmp_path):

@@ -1,6 +1,7 @@
 """A release loads in sentence-transformers as it is: SentenceTransformer(folder, trust_remote_code=True)
-embeds text, images and image+text inputs as MocaEmbedder does, in a process where megatron_moca cannot
-be imported (the module shipped in the folder needs only torch and transformers)."""
+embeds text, images and image+text inputs as MocaEmbedder does - inputs past the folder's max_length cut
+the same way -, in a process where megatron_moca cannot be imported (the module shipped in the folder
+needs only torch and transformers)."""
 
 import json
 import os
@@ -27,6 +28,10 @@ out = {
     "image_text": model.encode([{"image": Image.open(images[0]), "text": "a picture"},
                                 {"image": Image.open(images[1]), "text": "x <img> y"}]).tolist(),
     "page": model.encode([Image.open(images[0])], prompt_name="image_document").tolist(),
+    # past the folder's max_length (256): text cut, an image that would be cut dropped whole (the other kept)
+    "cut": model.encode(["harbour " * 400]).tolist() + model.encode([
+        {"image": Image.open(images[1]), "text": "short"},
+        {"image": Image.open(images[0]), "text": "forest " * 250 + "<img> tail"}]).tolist(),
     "dimension": model.get_sentence_embedding_dimension(),
 }
 print(json.dumps(out))
@@ -55,9 +60,12 @@ def test_sentence_transformers_embeds_a_release_as_moca_embedder(tiny_hf_dir, tm
             "image_text": embedder.embed([{"text": PLACEHOLDER + "a picture", "images": [images[0]]},
                                           {"text": "x " + PLACEHOLDER + " y", "images": [images[1]]}]),
             "page": embedder.embed([{"text": PLACEHOLDER + "\nRepresent the given document image.",
-                                     "images": [images[0]]}])}
+                                     "images": [images[0]]}]),
+            "cut": embedder.embed(["harbour " * 400, {"text": PLACEHOLDER + "short", "images": [images[1]]},
+                                   {"text": "forest " * 250 + PLACEHOLDER + " tail", "images": [images[0]]}])}
     assert theirs["dimension"] == ours["text"].shape[1]
     for key, value in ours.items():
         assert theirs[key].shape == value.shape
         assert (theirs[key] - value).abs().max().item() < 1e-5, key
     assert not torch.allclose(ours["image_text"][0], ours["text"][0])  # the inputs differ, so do the vectors
+    assert torch.allclose(ours["cut"][2], embedder.embed(["forest " * 250])[0], atol=1e-6)  # the image went whole

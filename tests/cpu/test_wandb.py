@@ -77,3 +77,29 @@ def test_wandb_without_the_package_is_refused_before_anything_runs(monkeypatch):
     with pytest.raises(UserError, match="wandb is not installed"):
         LoggingConfig(wandb_project="p").validate()
     LoggingConfig().validate()
+
+
+def test_wandb_refusing_to_start_is_one_line(tmp_path):
+    """wandb installed but not logged in raises its UsageError at init: the run stops there in one line, naming
+    what to do, before any step (here a stand-in raising what wandb 0.31 raises)."""
+    from megatron_moca.errors import UserError
+    from megatron_moca.training.metrics import MetricsWriter
+
+    stub = tmp_path / "stub" / "wandb"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("class UsageError(Exception):\n    pass\n"
+                                      "def init(**kw):\n    raise UsageError('api_key not configured (no-tty). call "
+                                      "wandb.login(key=[your_api_key])')\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path / "stub"))
+    sys.modules.pop("wandb", None)
+    try:
+        with pytest.raises(UserError) as err:
+            MetricsWriter(str(tmp_path / "run"), 0, wandb={"project": "p", "name": None, "config": {}})
+    finally:
+        sys.path.remove(str(tmp_path / "stub"))
+        sys.modules.pop("wandb", None)
+    assert str(err.value) == ("logging.wandb_project=p: W&B did not start (UsageError: api_key not configured (no-tty). "
+                              "call wandb.login(key=[your_api_key])); run `wandb login`, set WANDB_API_KEY, or "
+                              "WANDB_MODE=offline to write the run under checkpoint.save")

@@ -4,6 +4,7 @@ the first step; a broken evaluation set is one line on stderr, no traceback and 
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -25,9 +26,15 @@ def pairs(tmp_path):
     return write_pairs(tmp_path / "pairs", text_rows=4, image_rows=2)
 
 
-@pytest.mark.parametrize("path", ["/etc/hostname", "../outside.png", "images/../../outside.png"])
+@pytest.mark.parametrize("path", ["/etc/hostname", "../outside.png", "images/../../outside.png", "images/link.png",
+                                  "images/zero.png", "../pairs_sibling/p0.png"])
 def test_image_paths_outside_the_root_are_refused_naming_the_row(path, pairs, tmp_path):
     (tmp_path / "outside.png").write_bytes(open(os.path.join(pairs, "images", "p0.png"), "rb").read())
+    os.symlink(tmp_path / "outside.png", os.path.join(pairs, "images", "link.png"))  # confinement is by real path
+    os.symlink("/dev/zero", os.path.join(pairs, "images", "zero.png"))
+    sibling = tmp_path / "pairs_sibling"  # a folder whose name starts with the root's: still outside it
+    sibling.mkdir()
+    shutil.copy(os.path.join(pairs, "images", "p0.png"), sibling / "p0.png")
     image_rows(pairs, [path])
     with pytest.raises(UserError) as err:
         PairsData(PairsDataConfig(paths=[pairs]))
@@ -45,7 +52,7 @@ def test_allow_images_outside_root_admits_them(pairs, tmp_path):
 def test_rows_with_unusable_images_are_skipped_and_counted(pairs):
     images = os.path.join(pairs, "images")
     os.mkfifo(os.path.join(images, "fifo.png"))  # opening it would block the reader forever
-    os.symlink("/dev/zero", os.path.join(images, "zero.png"))  # endless
+    os.symlink("/dev/zero", os.path.join(images, "zero.png"))  # endless (a link out: read only where allowed)
     with open(os.path.join(images, "big.png"), "wb") as f:
         f.write(open(os.path.join(images, "p0.png"), "rb").read() + b"\0" * 300_000)
     with open(os.path.join(images, "cut.png"), "wb") as f:
@@ -54,7 +61,7 @@ def test_rows_with_unusable_images_are_skipped_and_counted(pairs):
     image_rows(pairs, ["images/missing.png", "images/fifo.png", "images/zero.png", "images/big.png",
                        "images/cut.png", "images/text.png"])
     small = max(os.path.getsize(os.path.join(images, f"p{i}.png")) for i in range(2))
-    data = PairsData(PairsDataConfig(paths=[pairs], max_image_bytes=small + 1000))
+    data = PairsData(PairsDataConfig(paths=[pairs], max_image_bytes=small + 1000, allow_images_outside_root=True))
     assert data.fingerprint() == {"ImagePairs": 2, "TextPairs": 4}
     assert data.skipped == {"image missing": 1, "image not a regular file": 2, "image larger than the limit": 1,
                             "image undecodable": 2}

@@ -57,7 +57,7 @@ def test_mistyped_records_and_unbounded_image_files_are_skipped_and_counted(tmp_
     src = tmp_path / "in"
     (src / "img").mkdir(parents=True)
     os.mkfifo(src / "img" / "fifo.png")
-    os.symlink("/dev/zero", src / "img" / "zero.png")
+    os.symlink("/dev/zero", src / "img" / "zero.png")  # a device (a link out of the folder: read where allowed)
     with open(src / "img" / "huge.png", "wb") as f:
         f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: refused from its size, never read
     rows = [{"text": "fine"}, {"text": "x", "images": 5}, {"texts": "not a list"}, {"text": 7},
@@ -65,7 +65,8 @@ def test_mistyped_records_and_unbounded_image_files_are_skipped_and_counted(tmp_
             {"text": PLACEHOLDER, "images": ["img/zero.png"]}, {"text": PLACEHOLDER, "images": ["img/huge.png"]},
             {"text": PLACEHOLDER, "images": [{"path": 3}]}, ["a", "list"]]
     (src / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_moca("data", "prepare", "--input", str(src), "--output", str(tmp_path / "out"), "--workers", "1")
+    proc = run_moca("data", "prepare", "--input", str(src), "--output", str(tmp_path / "out"), "--workers", "1",
+                    "--allow-images-outside-root")
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.load(open(tmp_path / "out" / "manifest.json"))
     assert manifest["totals"]["samples"] == 1
@@ -104,7 +105,7 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, real_images):
     assert_helpers_gone(helpers)
     assert not os.path.isfile(os.path.join(killed, "manifest.json"))
     refused = run_moca(*args[:-1], "0.5", "--output", killed)  # other settings: not this job's folder
-    assert refused.returncode == 2 and "is another job's output" in refused.stderr
+    assert refused.returncode == 2 and "holds the output of another prepare (max_shard_bytes differs" in refused.stderr
     rerun = run_moca(*args, "--output", killed)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert tree_bytes(killed) == tree_bytes(straight)

@@ -52,13 +52,13 @@ def test_shipped_recipes_load(recipe, tmp_path):
 @pytest.mark.parametrize("override, world, message", [
     ("model.path=", 1, "model.path is not set"),
     ("train.global_batch_size=6", 4, "not a multiple of the data-parallel size 4"),
-    ("optim.lr_decay_style=WSD", 1, "stage 2 supports constant, linear, cosine"),
+    ("optim.lr_decay_style=WSD", 1, "expected one of constant, linear, cosine"),
     ("model.compute_dtype=float16", 1, "model.compute_dtype='float16'"),
     ("checkpoint.save=", 1, "checkpoint.save is not set"),
     ("data.paths=/no/such/pairs", 1, "data.paths: /no/such/pairs does not exist"),
     ("data.sampler=by_task", 1, "expected one of mixed, single_task"),
     ("train.micro_batch_size=0", 1, "train.micro_batch_size must be >= 1"),
-    ("objective.temperature=0", 1, "objective.temperature must be > 0"),
+    ("objective.temperature=0", 1, "objective.temperature=0.0 must be within"),
 ])
 def test_bad_settings_are_named(tmp_path, override, world, message):
     cfg = valid(tmp_path, override)

@@ -85,11 +85,48 @@ def test_validation_before_any_process_group(tmp_path):
         (dict(checkpoint=dict(load="/nowhere")), 1, "checkpoint.load=/nowhere: no such directory"),
         (dict(data=dict(paths=[str(tmp_path)])), 1, "has no manifest.json"),
         (dict(data=dict(pack_length=1000)), 1, "sample.max_length=1280 exceeds data.pack_length=1000"),
+        # bounds where AdamW would overflow or divide by zero, each at the first value past the bound
+        (dict(optim=dict(lr=3.4e38)), 1, "optim.lr=3.4e+38 / optim.min_lr=0.0: need 0 <= min_lr <= lr and 0 < lr <= 1"),
+        (dict(optim=dict(lr=1.0000001)), 1, "0 < lr <= 1"),
+        (dict(optim=dict(adam_beta2=1.0)), 1, "optim.adam_beta2=1.0: must be within [0, 1)"),
+        (dict(optim=dict(adam_eps=0.0)), 1, "optim.adam_eps=0.0: must be within (0, 1]"),
+        (dict(optim=dict(lr=0.5, weight_decay=2.5)), 1, "need 0 <= weight_decay x lr <= 1"),
+        (dict(optim=dict(clip_grad=-1.0)), 1, "clip_grad >= 0"),
+        (dict(objective=dict(mae_weight=1001.0)), 1, "objective.mae_weight=1001.0: must be within (0, 1000]"),
     ]
     for changes, world, message in cases:
         with pytest.raises(UserError) as err:
             valid(tmp_path, **changes).validate(world_size=world)
         assert message in str(err.value), (changes, str(err.value))
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path):
+    valid(tmp_path, optim=dict(lr=1.0, min_lr=1.0, adam_beta1=0.0, adam_eps=1.0, weight_decay=1.0),
+          objective=dict(mae_weight=1000.0)).validate(world_size=1)
+
+
+BOMB = "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +
+                 [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"
+
+
+def test_yaml_aliases_that_expand_beyond_the_limit_are_refused_before_anything_is_built(tmp_path):
+    from megatron_moca.config.loading import MAX_YAML_VALUES
+
+    (tmp_path / "bomb.yaml").write_text(BOMB)  # 9 lines, 9**9 strings once expanded
+    with pytest.raises(UserError, match=f"aliases expand to more than {MAX_YAML_VALUES} values"):
+        load_pretrain_config(str(tmp_path / "bomb.yaml"))
+    # the limit counts expanded nodes: the root, 2 keys, x (1 + 24,998) and y (1 + 3 copies of x) make exactly
+    # 100,000 and pass; one more key and value do not
+    under = "x: &x [" + ", ".join(["1"] * 24998) + "]\ny: [*x, *x, *x]\n"
+    (tmp_path / "under.yaml").write_text(under)
+    (tmp_path / "over.yaml").write_text(under + "z: 1\n")
+    from megatron_moca.config.loading import read_yaml
+
+    assert len(read_yaml(str(tmp_path / "under.yaml"))["y"]) == 3
+    with pytest.raises(UserError, match="aliases expand"):
+        read_yaml(str(tmp_path / "over.yaml"))
+    (tmp_path / "shared.yaml").write_text("base: &b {lr: 0.001}\noptim: *b\n")  # ordinary aliases still work
+    assert read_yaml(str(tmp_path / "shared.yaml"))["optim"] == {"lr": 0.001}
 
 
 def test_warmup_defaults_to_a_tenth_of_the_decay(tmp_path):
