@@ -10,11 +10,15 @@ COPY examples ./examples
 COPY tools ./tools
 
 # The image's torch (and TE, flash-attn, apex, DALI) already satisfy or are outside install_requires
-# (torch>=2.6 only), so pip adds the pure-Python needs and leaves the GPU stack alone; NGC's own
-# PIP_CONSTRAINT, where set, pins it further. The last line fails the build if torch was replaced.
+# (torch>=2.6 only), so pip adds the pure-Python needs (megatron-core, transformers in the tested window,
+# ...) and leaves the GPU stack alone. NGC images pin every preinstalled package in PIP_CONSTRAINT
+# (/etc/pip/constraint.txt), which can stop megatron-core's or transformers' requirements from resolving:
+# Megatron-LM's install guide clears it for the install, as this step does. The check after the install
+# fails the build if torch was replaced; `moca env` prints every resolved version.
 RUN TORCH_BEFORE=$(python -c "import torch; print(torch.__version__)") \
- && pip install --no-cache-dir -e . \
- && python -c "import torch, megatron_moca, sys; sys.exit(torch.__version__ != '$TORCH_BEFORE')"
+ && PIP_CONSTRAINT= pip install --no-cache-dir -e . \
+ && python -c "import torch, megatron_moca, sys; sys.exit(torch.__version__ != '$TORCH_BEFORE')" \
+ && moca env
 
 ENTRYPOINT ["moca"]
 CMD ["env"]

@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.20",
-        "transformers>=4.52",
+        "transformers>=4.52,<5.26",  # the tested window (README, Versions); newer minors move Qwen2.5-VL internals
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy",

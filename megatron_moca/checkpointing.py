@@ -122,7 +122,7 @@ def _materialize_views_releasing_params(sharded_state_dict, model) -> None:
 
 def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict = None,
                release_params: bool = False, training_state: Optional[Callable[[dict], dict]] = None,
-               content_metadata: Optional[dict] = None) -> str:
+               content_metadata: Optional[dict] = None, sharded_strategy=None) -> str:
     """Collective: every rank calls it. Writes iter folder, then moves the tracker (atomic), so a
     folder named by the tracker is always complete.
 
@@ -130,6 +130,7 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
     training_state: model sharded state dict -> more sharded state saved beside it (a trainer's
     optimizer, schedule, data position); the model's tensors keep their keys, so `load_model` and the
     converter read a training checkpoint like any other. extra: more JSON for moca_model.json.
+    sharded_strategy: megatron's save strategy (None: its default; the trainer passes the fully parallel one).
     """
     from megatron.core import dist_checkpointing
 
@@ -147,7 +148,7 @@ def save_model(model, cfg: ModelConfig, root: str, iteration: int, extra: dict =
         _materialize_views_releasing_params(state, model)
     if training_state is not None:
         state = {"model": state, **training_state(state)}
-    dist_checkpointing.save(state, folder, content_metadata=content_metadata)
+    dist_checkpointing.save(state, folder, sharded_strategy=sharded_strategy, content_metadata=content_metadata)
     if rank0:
         with open(os.path.join(folder, MODEL_JSON), "w") as f:
             json.dump({"model": cfg.to_dict(), **(extra or {})}, f, indent=2)
@@ -199,3 +200,27 @@ def load_model(model, folder: str, without: Tuple[str, ...] = ()) -> None:
         result = model.load_state_dict(objects, strict=False)
         if result.unexpected_keys:
             raise RuntimeError(f"{folder}: unexpected keys {result.unexpected_keys[:3]}")
+
+
+def fully_parallel_save_strategy():
+    """megatron's fully parallel save over this rank's data-parallel group: each rank writes 1/DP of the tensors
+    its replica shares (Megatron-LM's default, training/checkpointing.py)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _data_parallel_group())
+
+
+def fully_parallel_load_strategy(folder: str):
+    """megatron's fully parallel load of the iter_ folder `folder`: each data-parallel rank reads 1/DP of the
+    replicated tensors and the ranks exchange them (--ckpt-fully-parallel-load in Megatron-LM)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(folder), _data_parallel_group())
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)

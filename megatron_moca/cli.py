@@ -134,10 +134,11 @@ def _training_logging() -> int:
 
 
 def _run_directory(cfg, command: str, rank: int):
-    """Rank 0 holds checkpoint.save's one-writer lock for the run, after checking that the folder is new,
-    empty or a run directory of ours (before anything is loaded)."""
+    """Rank 0 holds checkpoint.save's one-writer lock for the run, after the settings were checked and the folder
+    found new, empty or a run directory of ours (before anything is loaded)."""
     from megatron_moca.training.loop import claim_run_directory
 
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # a bad setting is named before the folder is looked at
     if rank == 0 and cfg.checkpoint.save:
         claim_run_directory(cfg.checkpoint.save, command, create=False)
     return _exclusive(cfg.checkpoint.save, command, enabled=rank == 0 and bool(cfg.checkpoint.save))

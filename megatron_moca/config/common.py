@@ -37,30 +37,46 @@ class OptimConfig:
     """One of constant, linear, cosine, inverse-square-root, WSD."""
 
     def validate(self, styles=LR_DECAY_STYLES) -> None:
-        """Refuse settings AdamW cannot run with: the learning rate above MAX_LR (the update would overflow
-        fp32 / bf16 weights within steps), betas outside [0, 1), eps outside (0, 1], negative decay or clip."""
+        """Refuse settings AdamW cannot run with: its first step moves a weight by up to lr / (1 - adam_beta1),
+        a number torch passes to its float32 kernels, so above FLOAT32_MAX it stops with an overflow inside
+        the optimizer (so does lr x weight_decay, the decoupled decay's factor); betas outside [0, 1), an eps
+        that is not positive (0 / 0 where a gradient is zero), a negative decay or clip."""
         from megatron_moca.errors import UserError
 
         if self.lr_decay_style not in styles:
             raise UserError(f"optim.lr_decay_style={self.lr_decay_style!r}: expected one of {', '.join(styles)}")
-        if not 0 < self.lr <= MAX_LR or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and "
-                            f"0 < lr <= {MAX_LR:g}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"optim.{name}={getattr(self, name)}: must be within [0, 1)")
-        if not 0 < self.adam_eps <= 1:
-            raise UserError(f"optim.adam_eps={self.adam_eps}: must be within (0, 1]")
-        if not 0 <= self.weight_decay <= MAX_LR / self.lr or self.clip_grad < 0:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        first_step = self.lr / (1 - self.adam_beta1)
+        if first_step > FLOAT32_MAX:
+            raise UserError(f"optim.lr={self.lr:g}: AdamW's first step, lr / (1 - adam_beta1) = {first_step:.3g}, "
+                            f"overflows float32 (largest {FLOAT32_MAX:.3g}); no recipe of this kind uses more than 1e-3")
+        if self.adam_eps <= 0:
+            raise UserError(f"optim.adam_eps={self.adam_eps}: must be > 0")
+        if self.weight_decay < 0 or self.lr * self.weight_decay > FLOAT32_MAX or self.clip_grad < 0:
             raise UserError(f"optim.weight_decay={self.weight_decay} / optim.clip_grad={self.clip_grad}: need "
-                            f"0 <= weight_decay x lr <= {MAX_LR:g} and clip_grad >= 0")
+                            f"weight_decay >= 0 with lr x weight_decay <= {FLOAT32_MAX:.3g}, and clip_grad >= 0")
         if not 0 <= self.lr_warmup_fraction <= 1:
             raise UserError(f"optim.lr_warmup_fraction={self.lr_warmup_fraction}: must be within 0..1")
 
 
-MAX_LR = 1.0
-"""The largest learning rate accepted: AdamW moves every weight by about lr per step, so at 3.4e38 the
-first update overflows; no recipe of this kind uses more than 1e-3."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: torch's optimizer kernels take their step sizes as float32 scalars."""
+
+
+@dataclass
+class CollectivesConfig:
+    """How long collectives may wait (both stages' parallel sections)."""
+
+    timeout_minutes: int = 30
+    """Timeout of the process group's start and of every collective (NCCL's default is 10 minutes): rank 0
+    alone reads or writes multi-GB folders between collectives (loading, saves, the release), and a rank
+    that waits longer is aborted by NCCL's watchdog. Megatron-LM's --distributed-timeout-minutes. For a hang,
+    torch's flight recorder shows the last collectives of every rank: run with TORCH_NCCL_TRACE_BUFFER_SIZE=2000
+    TORCH_NCCL_DUMP_ON_TIMEOUT=1 TORCH_FR_DUMP_TEMP_FILE=/shared/fr_ (then `torchfrtrace /shared/fr_*`)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_moca.config.common import LoggingConfig, OptimConfig, RunDirectoryConfig
+from megatron_moca.config.common import CollectivesConfig, LoggingConfig, OptimConfig, RunDirectoryConfig
 from megatron_moca.data.pairs import SAMPLERS, PairsDataConfig
 from megatron_moca.errors import UserError
 from megatron_moca.objectives.contrastive import ContrastiveConfig
@@ -42,8 +42,9 @@ class FinetuneModelConfig:
 
 
 @dataclass
-class FinetuneParallelConfig:
-    """How the data-parallel ranks hold the model: replicated (the default) or sharded with FSDP2."""
+class FinetuneParallelConfig(CollectivesConfig):
+    """How the data-parallel ranks hold the model: replicated (the default) or sharded with FSDP2
+    (timeout_minutes: config.common.CollectivesConfig)."""
 
     use_distributed_optimizer: bool = True
     """Replicated path: shard the AdamW state over the data-parallel ranks (ZeRO-1, torch

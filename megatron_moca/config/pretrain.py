@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_moca.config.common import LoggingConfig, OptimConfig, RunDirectoryConfig
+from megatron_moca.config.common import CollectivesConfig, LoggingConfig, OptimConfig, RunDirectoryConfig
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.data.loader import LoaderConfig
 from megatron_moca.data.samples import Stage1SampleConfig
@@ -29,8 +29,9 @@ from megatron_moca.objectives.reconstruction import ReconstructionConfig
 
 
 @dataclass
-class ParallelConfig:
-    """How the model and the batch are split over the processes torchrun starts."""
+class ParallelConfig(CollectivesConfig):
+    """How the model and the batch are split over the processes torchrun starts (timeout_minutes:
+    config.common.CollectivesConfig)."""
 
     tensor_model_parallel_size: int = 1
     """Ranks that shard each layer (must divide the KV heads)."""
@@ -71,6 +72,10 @@ class CheckpointConfig(RunDirectoryConfig):
     optim_fully_reshardable: bool = False
     """Save optimizer state in the layout that loads at another TP/PP (gathers on DP rank 0); the
     default layout is written by every rank in parallel and reloads at the same TP/PP."""
+    fully_parallel: bool = True
+    """Megatron-LM's fully parallel save and load: each data-parallel rank writes and reads 1/DP of the tensors
+    its replica shares (the others exchange what they need), instead of DP rank 0 of each shard writing them
+    all and every DP rank reading the whole model on resume. false: megatron-core's default strategies."""
     allow_data_change: bool = False
     """Resume although train.global_batch_size or the data blend (data.paths, weights, max_samples_per_source,
     sample_order, seed) differ from the checkpoint's (refused by default: the run would no longer be the one
@@ -113,6 +118,16 @@ class PretrainConfig:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        from megatron_moca.models.specs import resolve_backend
+
+        # stage-1 rows are packed documents (and padding): `auto` picks a backend that takes them, an explicit
+        # one that cannot is refused here, before any process group; the run then builds what was resolved
+        requested = self.model.attention_backend
+        self.model.attention_backend = resolve_backend(requested, packed_micro_batch=t.micro_batch_size)
+        if self.model.fp8 and self.model.attention_backend != "te":
+            raise UserError(f"model.fp8={self.model.fp8!r} needs Transformer Engine (the te backend); here "
+                            f"attention_backend={requested!r} resolves to {self.model.attention_backend!r} (TE "
+                            "absent, no CUDA, or train.micro_batch_size > 1 with packed rows)")
         self.optim.validate()
         if not 0 <= self.lr_warmup_iters < self.lr_decay_iters:
             raise UserError(f"optim.lr_warmup_iters={self.lr_warmup_iters} must be below lr_decay_iters "

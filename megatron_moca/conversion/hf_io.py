@@ -94,6 +94,10 @@ def _read_header(path: str) -> Tuple[Dict[str, dict], int]:
         if numel * _ST_DTYPES[entry["dtype"]].itemsize != end - start:
             raise malformed(f"tensor {key!r} holds {end - start} bytes, its shape {shape} needs "
                             f"{numel * _ST_DTYPES[entry['dtype']].itemsize}")
+    spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], key) for key, entry in header.items())
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:]):
+        if start < end:  # the format stores each tensor once; shared bytes would alias two tensors
+            raise malformed(f"tensors {before!r} and {after!r} overlap")
     return header, 8 + n
 
 
@@ -142,7 +146,9 @@ class SafetensorsReader:
         path, data_start, entry = self._where[key]
         start, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])  # size checked in _read_header
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        if not out.numel():
+            return out
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         with open(path, "rb") as f:
             f.seek(data_start + start)
             if f.readinto(buf) != end - start:

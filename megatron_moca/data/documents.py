@@ -46,11 +46,13 @@ class Document:
 @dataclass(frozen=True)
 class ImageFiles:
     """Where image paths of a record are read: relative to `base` (the input file's folder), confined to
-    `root` (the --input folder; real paths compared, links resolved) unless allow_outside."""
+    `root` (the --input folder; real paths compared, links resolved) unless allow_outside. The default reads
+    a caller's own paths as given (relative to the working directory); `moca data prepare` confines the
+    paths its input tables name."""
 
     base: str = "."
     root: Optional[str] = None
-    allow_outside: bool = False
+    allow_outside: bool = True
 
     def path(self, ref: str) -> str:
         if self.allow_outside:

@@ -133,6 +133,25 @@ def _fill_empty_negatives(texts: List[str], positive: str, rng: np.random.Genera
     return [t or filled[int(rng.integers(len(filled)))] for t in texts]
 
 
+def _rank_and_world() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gathered(value, world: int) -> list:
+    """Every rank's `value` (a plain object), in rank order (collective)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
 class PairsData:
     """Every pair of every subset, in memory (texts and image paths only)."""
 
@@ -200,13 +219,20 @@ class PairsData:
 
     def _drop_rows_with_unusable_images(self) -> None:
         """Check every distinct image once (threads: header reads wait on storage), then drop the rows
-        that name an unusable one, counting them by reason; a subset left empty is an error."""
+        that name an unusable one, counting them by reason; a subset left empty is an error. Under torch
+        distributed each rank checks a 1/world share of the images and the ranks exchange what they found
+        (collective), so the file system sees every header once per job, not once per rank."""
         from concurrent.futures import ThreadPoolExecutor
 
         paths = sorted({path for p in self.pairs for _, path in (p.query, p.positive, *p.negatives) if path})
+        rank, world = _rank_and_world()
+        mine = paths[rank::world]
         with ThreadPoolExecutor(max_workers=16) as pool:
-            problems = dict(zip(paths, pool.map(
-                lambda path: image_file_problem(path, self.cfg.max_image_bytes, self.cfg.image), paths)))
+            found = dict(zip(mine, pool.map(
+                lambda path: image_file_problem(path, self.cfg.max_image_bytes, self.cfg.image), mine)))
+        problems = dict.fromkeys(paths)
+        for share in _all_gathered({path: why for path, why in found.items() if why}, world):
+            problems.update(share)
         kept, where_kept = [], []
         for pair, where in zip(self.pairs, self._where):
             bad = next((path for _, path in (pair.query, pair.positive, *pair.negatives) if path and problems[path]),

@@ -181,7 +181,13 @@ class PackedBatch:
         noised pixel_values and the clean targets of the noised groups (data/pixels.py).
         image_decoder (e.g. data.dali.DaliImageDecoder) decodes `encoded_images` when the loader
         left decoding to the device."""
-        from megatron_moca.data.pixels import frames_to_pixels, images_to_frames, mae_inputs
+        return complete_inputs(self.compact_inputs(device, image_decoder), dtype, self.image_token_id)
+
+    def compact_inputs(self, device=None, image_decoder=None) -> dict:
+        """The row with its images as uint8 one-frame rows on `device` (decoded and resized here where the
+        loader left that to the device): the compact form a trainer sends to the ranks of its replica,
+        which finish it with complete_inputs (cheap, elementwise)."""
+        from megatron_moca.data.pixels import images_to_frames
 
         frames = self.pixel_frames
         if self.encoded_images:
@@ -194,18 +200,32 @@ class PackedBatch:
             frames = torch.cat([f.to(device) for f, _ in decoded])
         elif self.device_images:
             frames = images_to_frames(self.device_images, self.image_grid_thw, device=device)
-
         out = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device),
                "document_ids": self.document_ids.to(device), "labels": self.labels.to(device),
-               "mae_token_mask": self.mae_token_mask.to(device), "pixel_values": None, "image_grid_thw": None,
-               "mae_targets": None}
+               "mae_token_mask": self.mae_token_mask.to(device), "frames": None, "image_grid_thw": None,
+               "mae_noise": None}
         if frames is not None:
-            grid = self.image_grid_thw.to(device)
-            pixels = frames_to_pixels(frames.to(device), dtype=torch.float32)
-            groups = self.mae_token_mask.to(device)[self.input_ids.to(device) == self.image_token_id]
-            noised, targets = mae_inputs(pixels, grid, groups, self.mae_noise.to(device))
-            out.update(pixel_values=noised.to(dtype), image_grid_thw=grid, mae_targets=targets.to(dtype))
+            out.update(frames=frames.to(device), image_grid_thw=self.image_grid_thw.to(device),
+                       mae_noise=self.mae_noise.to(device))
         return out
+
+
+def complete_inputs(compact: dict, dtype=torch.float32, image_token_id: int = 151655) -> dict:
+    """A compact micro-batch (PackedBatch.compact_inputs, or several collated) -> the model inputs: the frames
+    CLIP-normalised into pixel_values with MoCa's MAE noise on the masked groups, and the clean targets of
+    those groups (data/pixels.py). Keys that are absent (a rank that was not sent them) stay None."""
+    from megatron_moca.data.pixels import frames_to_pixels, mae_inputs
+
+    out = {k: v for k, v in compact.items() if k not in ("frames", "mae_noise")}
+    out.update(pixel_values=None, mae_targets=None)
+    frames = compact.get("frames")
+    if frames is not None:
+        pixels = frames_to_pixels(frames, dtype=torch.float32)
+        ids, mask = compact["input_ids"], compact["mae_token_mask"]
+        groups = mask[ids == image_token_id]
+        noised, targets = mae_inputs(pixels, compact["image_grid_thw"], groups, compact["mae_noise"])
+        out.update(pixel_values=noised.to(dtype), mae_targets=targets.to(dtype))
+    return out
 
 
 def pack(samples: List[Stage1Sample], length: int, pad_id: int, pad_to_multiple: int = 1,

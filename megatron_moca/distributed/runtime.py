@@ -7,9 +7,10 @@ process (a local rendezvous on a free port).
 from __future__ import annotations
 
 import os
-import sys
 import socket
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,33 +47,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(megatron: bool = True) -> None:
+DEFAULT_TIMEOUT_MINUTES = 30
+
+
+def init_process_group(megatron: bool = True, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Initialise torch.distributed if needed: from torchrun's env, else as a world of one.
 
     A world of one rendezvouses on a free loopback port without writing RANK/MASTER_* into the
     environment, so child processes (torchrun jobs, checkpoint writers) do not inherit them.
     megatron=False: a process that never runs megatron-core (stage 2, eval) skips its CPU adaptation
-    (and the seconds of importing it).
+    (and the seconds of importing it). timeout_minutes bounds the start and every collective; with NCCL
+    the communicator is bound to this rank's GPU at once (device_id), as Megatron-LM's initialize.py does.
     """
     if dist.is_initialized():
         return
+    from megatron_moca.distributed.launch import check_launch
+
+    check_launch()  # srun without torchrun would start N worlds of one: refused in one line
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    options = {"timeout": timedelta(minutes=timeout_minutes)}
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        options["device_id"] = torch.device("cuda", local)
     elif megatron:
         from megatron_moca import compat
 
         compat.adapt_megatron_to_cpu()
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **options)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                **options)
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-               seed: int = 1234) -> ParallelLayout:
+               seed: int = 1234, timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> ParallelLayout:
     """Set up process groups + megatron parallel_state and seed every RNG; return the layout."""
-    init_process_group()
+    init_process_group(timeout_minutes=timeout_minutes)
     from megatron.core import parallel_state
 
     world = dist.get_world_size()
@@ -85,7 +97,8 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
                 or parallel_state.get_pipeline_model_parallel_world_size() != pp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 distributed_timeout_minutes=timeout_minutes)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     seed_all(seed + 100 * parallel_state.get_pipeline_model_parallel_rank(), tp_rank)
     return current_layout()

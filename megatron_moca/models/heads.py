@@ -38,10 +38,12 @@ class MaeDecoder(MegatronModule):
             self.predict.bias.zero_()
 
     def forward(self, hidden: torch.Tensor, attention_mask, rotary_pos_emb,
-                select: Optional[torch.Tensor] = None) -> torch.Tensor:
+                select: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
         """hidden [s, b, h] (after the final norm) -> predictions [b, s, out], or [n, out] at the True
-        positions of select [b, s] in row-major (batch, then sequence) order."""
-        out, _ = self.layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        positions of select [b, s] in row-major (batch, then sequence) order. packed_seq_params: the LLM's
+        (Transformer Engine's THD layout for packed rows)."""
+        out, _ = self.layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                            packed_seq_params=packed_seq_params)
         out = out.transpose(0, 1)
         return self.predict(out if select is None else out[select])
 

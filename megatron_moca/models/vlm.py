@@ -26,11 +26,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_moca.config.model import ModelConfig
 from megatron_moca.errors import UserError
-from megatron_moca.models.attention import allowed_from_document_ids
+from megatron_moca.models.attention import allowed_from_document_ids, thd_params
 from megatron_moca.models.heads import MaeDecoder
 from megatron_moca.models.norms import RMSNorm
 from megatron_moca.models.rope_index import get_rope_index
-from megatron_moca.models.specs import llm_layer_spec, resolve_backend
+from megatron_moca.models.specs import available_kernels, llm_layer_spec, resolve_backend, te_refusal
 from megatron_moca import compat
 from megatron_moca.models.transformer_configs import language_transformer_config, vision_transformer_config
 from megatron_moca.models.vision import VisionTower
@@ -62,9 +62,9 @@ class MocaVLM(MegatronModule):
         compat.route_megatron_rotary()  # the LLM's rotary in fewer kernels, bit-identical (models/rotary.py)
         compat.quiet_megatron_logs()
         layer_spec = llm_layer_spec(self.backend, self.causal)
-        if self.backend == "te":
+        if self.backend == "te" and not available_kernels()["te_standin"]:
             from megatron.core.extensions.transformer_engine import TENorm as final_norm
-        else:
+        else:  # the local spec's norm (also under the TE stand-in, which replaces only TE's attention)
             final_norm = RMSNorm
         block = TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(llm_config),
                                            layer_norm=final_norm)
@@ -114,7 +114,8 @@ class MocaVLM(MegatronModule):
                               spatial_merge_size=self.cfg.vision.spatial_merge_size, document_ids=document_ids)[0]
 
     def attention_mask(self, document_ids: Optional[torch.Tensor], batch: int, seq: int, device):
-        """The mask the chosen backend takes (see models/attention.py for the convention)."""
+        """(the mask the chosen backend takes - see models/attention.py for the convention -, PackedSeqParams
+        for Transformer Engine's THD layout or None)."""
         if document_ids is not None and bool((document_ids == document_ids[:, :1]).all()) \
                 and bool((document_ids[:, 0] >= 0).all()):
             document_ids = None  # one document per row, no padding: the unmasked fast path
@@ -122,16 +123,16 @@ class MocaVLM(MegatronModule):
             # the stock attention ignores attn_mask_type when given a mask: build it complete
             ids = document_ids if document_ids is not None else torch.zeros(batch, seq, dtype=torch.long,
                                                                                  device=device)
-            return ~allowed_from_document_ids(ids, self.causal)
+            return ~allowed_from_document_ids(ids, self.causal), None
         if self.backend == "te":
-            # the TE spec is built with a padding(_causal) mask type, which expects a key-padding mask
+            # the TE spec is built with a padding(_causal) mask type: a key-padding mask for rows of one
+            # document (sbhd), THD sequences for packed rows (the padding at the end is one more sequence)
             if document_ids is None:
-                return torch.zeros(batch, 1, 1, seq, dtype=torch.bool, device=device)
-            if bool(((document_ids != 0) & (document_ids >= 0)).any()):
-                raise UserError("attention_backend='te' takes padded batches of single documents here; "
-                                "packed documents need attention_backend=flash or flex")
-            return (document_ids < 0)[:, None, None, :]
-        return document_ids
+                return torch.zeros(batch, 1, 1, seq, dtype=torch.bool, device=device), None
+            if batch != 1:
+                raise UserError(f"attention_backend='te': {te_refusal(batch)}")
+            return None, thd_params(document_ids)
+        return document_ids, None
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
         """Token embeddings [s, b, h] with the vision tower's outputs at the <|image_pad|> positions."""
@@ -152,24 +153,26 @@ class MocaVLM(MegatronModule):
         return emb
 
     def attention_context(self, input_ids, position_ids=None, document_ids=None, image_grid_thw=None):
-        """(attention mask, rotary embedding) of a batch: what every LLM layer (and the MAE decoder) takes."""
+        """(attention mask, rotary embedding, packed_seq_params) of a batch: what every LLM layer (and the MAE
+        decoder) takes."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, document_ids)
-        mask = self.attention_mask(document_ids, b, s, input_ids.device)
+        mask, packed = self.attention_mask(document_ids, b, s, input_ids.device)
         rope = self.language.rotary_pos_emb
         if rope.inv_freq.device != input_ids.device:
             # megatron keeps inv_freq as a plain attribute made on the current CUDA device (not a buffer:
             # module.to() leaves it), so a model used on the CPU of a GPU machine must move it itself
             rope.inv_freq = rope.inv_freq.to(input_ids.device)
-        return mask, rope(position_ids, self.config.mrope_section)
+        return mask, rope(position_ids, self.config.mrope_section), packed
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        mask, rotary = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
+        mask, rotary, packed = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
         hidden = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        return self.language.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+        return self.language.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary,
+                                     packed_seq_params=packed)
 
     def mae_predictions(self, hidden: torch.Tensor, select: torch.Tensor, input_ids: torch.Tensor,
                         position_ids: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
@@ -178,8 +181,8 @@ class MocaVLM(MegatronModule):
         [n, merge_unit * patch_dim] pixel predictions at the True positions of select [b, s], row-major."""
         if self.mae_decoder is None:
             raise UserError("this model has no MAE decoder: build it with mae_decoder=True (last stage)")
-        mask, rotary = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
-        return self.mae_decoder(hidden, mask, rotary, select)
+        mask, rotary, packed = self.attention_context(input_ids, position_ids, document_ids, image_grid_thw)
+        return self.mae_decoder(hidden, mask, rotary, select, packed)
 
     def logits(self, hidden: torch.Tensor, gather: bool = False) -> torch.Tensor:
         """Output layer on hidden states [..., h] (last stage): vocab-parallel logits, or full if gather."""

@@ -102,7 +102,12 @@ class ContrastiveStep:
             loss, metrics = self.loss(index, *[self.encode(chunks[0]) for chunks in groups])
             loss.backward()
             return loss.detach(), metrics, False
-        cache = GradCache(self.encode, lambda *emb: self.loss(index, *emb))
+        from torch.distributed.fsdp import FSDPModule
+
+        from megatron_moca.training.fsdp import deferred_gradient_sync
+
+        no_sync = (lambda: deferred_gradient_sync(self.encoder)) if isinstance(self.encoder, FSDPModule) else None
+        cache = GradCache(self.encode, lambda *emb: self.loss(index, *emb), no_sync=no_sync)
         loss, metrics = cache.step(groups)
         return loss, metrics, True
 

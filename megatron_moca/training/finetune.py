@@ -60,7 +60,7 @@ def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
     else:
         model = load_transformers_model(folder, torch.float32).to("cpu" if cfg.parallel.fsdp else device)
     model.train()
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing and not cfg.parallel.fsdp:  # FSDP: checkpoint_wrapper before fully_shard
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -252,7 +252,9 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
     base_config = read_config(cfg.model.path)
-    data = PairsData(cfg.data)
+    runtime.init_process_group(megatron=False, timeout_minutes=cfg.parallel.timeout_minutes)  # torch + transformers
+    rank, dp = dist.get_rank(), dist.get_world_size()
+    data = PairsData(cfg.data)  # each rank checks 1/world of the image headers (collective)
     plan = BatchPlan(data.subset_sizes(), cfg.train.global_batch_size, cfg.data.sampler, cfg.data.seed)
     train_iters = cfg.iterations(plan.steps_per_epoch)
     identity = _identity(cfg, data)
@@ -260,8 +262,6 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                  "max_length": cfg.data.max_length}  # recorded in every HF folder the run writes
     resumed_at = read_tracker(cfg.checkpoint.save)
 
-    runtime.init_process_group(megatron=False)  # stage 2 is torch + transformers only
-    rank, dp = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed + rank)
     fsdp = cfg.parallel.fsdp
@@ -278,7 +278,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
 
         full_state = dict(encoder.state_dict()) if rank == 0 else {}  # the whole tensors, before sharding
         sharding.shard(encoder, device, cfg.model.compute_dtype, cfg.parallel.fsdp_shard_size,
-                       cfg.parallel.gradient_reduction)
+                       cfg.parallel.gradient_reduction, checkpointing=cfg.model.gradient_checkpointing)
         sharding.load_from_rank0(encoder, full_state, device)
         del full_state
         _park_lm_head(model, tied)
@@ -293,7 +293,8 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
                  len(data.pairs), len(data.subsets), plan.steps_per_epoch, train_iters, dp,
                  " (FSDP)" if fsdp else "", f" (skipped {sum(data.skipped.values())} rows: {skipped})" if skipped else "")
 
-    inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image)
+    # uint8 image rows from the loader workers (8x fewer shared-memory bytes), normalised on the device
+    inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image, pixel_dtype=None)
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
                              cfg.train.micro_batch_size)
     stage = Stage2(cfg, model, encoder, optimizer, step_loader(steps, iteration, cfg.data.num_workers), train_iters,

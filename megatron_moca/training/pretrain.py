@@ -100,7 +100,7 @@ class Stage1:
         self.skipped_updates = 0  # fp16 loss-scale overflows since the last record
 
     def forward_backward(self, iteration: int) -> StepOutput:
-        from megatron_moca.training.flops import step_shape_of, training_step_flops
+        from megatron_moca.training.flops import training_step_flops
 
         cfg = self.cfg
         step = next(self.batches)
@@ -115,8 +115,7 @@ class Stage1:
             if "found NaN" not in str(e) and "found Inf" not in str(e):
                 raise
             raise NonFiniteStep("gradient", "NaN/Inf") from None
-        local_flops = sum(training_step_flops(cfg.model, step_shape_of(b, cfg.model.attention == "causal"))
-                          for b in step.micro_batches)
+        local_flops = sum(training_step_flops(cfg.model, shape) for shape in step.shapes)
         sums = _reduce_step(losses, local_flops, self.layout)
         mlm = sums["mlm_sum"] / max(step.mlm_tokens, 1)
         mae = sums["mae_sum"] / step.mae_values if step.mae_values else 0.0
@@ -164,7 +163,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
     p = cfg.parallel
-    layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed)
+    layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed,
+                                timeout_minutes=p.timeout_minutes)
     resuming = has_checkpoint(cfg.checkpoint.save)
     model = build_model(cfg, layout.device, starting_weights=not resuming)
     ddp_model, optimizer, scheduler = setup(cfg, model)
@@ -178,10 +178,12 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     tokens = cfg.model.tokens
     loader = Stage1Loader(cfg.data, stage1_builder_factory(cfg.tokenizer, cfg.sample), tokens.pad_token_id,
                           tokens.image_token_id, layout.dp_rank, layout.data_parallel_size, state=loader_state)
-    replica_group, source = _replica_source(layout)
-    batches = StepBatches(iter(loader) if source in (None, layout.rank) else None, cfg.num_microbatches(world),
+    replica_group, source, stages = _replica_source(layout)
+    builds = source in (None, layout.rank)  # only the replica's source reads rows and touches images
+    batches = StepBatches(iter(loader) if builds else None, cfg.num_microbatches(world),
                           cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
-                          _image_decoder(cfg), ps.get_data_parallel_group(), replica_group, source)
+                          _image_decoder(cfg, layout.device) if builds else None, ps.get_data_parallel_group(),
+                          replica_group, source, stages, causal=cfg.model.attention == "causal")
     stage = Stage1(cfg, layout, model, ddp_model, optimizer, scheduler, loader, batches)
     return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world, layout.device), iteration, consumed)
 
@@ -200,23 +202,26 @@ def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:
 
 
 def _replica_source(layout):
-    """(the replica's TP x PP group, the global rank in it that reads the data: TP 0 of stage 0), or
-    (None, None) when the replica is one rank."""
+    """(the replica's TP x PP group, the global rank in it that reads the data: TP 0 of stage 0, each member's
+    global rank -> (first stage, last stage)), or (None, None, None) when the replica is one rank."""
     from megatron.core import parallel_state as ps
 
     if layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size == 1:
-        return None, None
+        return None, None, None
     group = ps.get_model_parallel_group()
     members = [None] * dist.get_world_size(group)
     dist.all_gather_object(members, (layout.tp_rank, layout.pp_rank, layout.rank), group=group)
-    return group, next(rank for tp, pp, rank in members if tp == 0 and pp == 0)
+    last = layout.pipeline_model_parallel_size - 1
+    stages = {rank: (pp == 0, pp == last) for _, pp, rank in members}
+    return group, next(rank for tp, pp, rank in members if tp == 0 and pp == 0), stages
 
 
-def _image_decoder(cfg: PretrainConfig):
+def _image_decoder(cfg: PretrainConfig, device: torch.device):
+    """DALI's decoder for image_pipeline dali: nvJPEG ("mixed") decode and resize on this rank's GPU."""
     from megatron_moca.data.samples import resolve_image_pipeline
 
     if resolve_image_pipeline(cfg.sample.image_pipeline) != "dali":
         return None
     from megatron_moca.data.dali import DaliImageDecoder
 
-    return DaliImageDecoder(cfg.sample.image)
+    return DaliImageDecoder(cfg.sample.image, device_id=device.index if device.type == "cuda" else None)

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_moca.checkpointing import (read_checkpoint_json, read_model_config, read_tracker, resolve_checkpoint,
+from megatron_moca.checkpointing import (fully_parallel_load_strategy, fully_parallel_save_strategy,
+                                         read_checkpoint_json, read_model_config, read_tracker, resolve_checkpoint,
                                          save_model)
 from megatron_moca.config.pretrain import PretrainConfig
 from megatron_moca.distributed.runtime import ParallelLayout
@@ -106,8 +107,9 @@ def save_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
              "data": data_identity(cfg),
              "scheduler": scheduler.state_dict(), "optimizer_metadata": metadata,
              "optimizer_reshardable": reshardable}
+    strategy = fully_parallel_save_strategy() if cfg.checkpoint.fully_parallel else None
     return save_model(model, cfg.model, cfg.checkpoint.save, iteration, extra=extra,
-                      training_state=training_state, content_metadata=metadata)
+                      training_state=training_state, content_metadata=metadata, sharded_strategy=strategy)
 
 
 def _restore_step_counters(optimizer) -> None:
@@ -172,7 +174,8 @@ def load_training_checkpoint(cfg: PretrainConfig, layout: ParallelLayout, model,
                **_per_rank_objects(layout, None, None)}
     if not same_model_layout:  # RNG states belong to the saved ranks
         request.pop("rng")
-    loaded = dist_checkpointing.load(request, folder)
+    strategy = fully_parallel_load_strategy(folder) if cfg.checkpoint.fully_parallel else None
+    loaded = dist_checkpointing.load(request, folder, sharded_strategy=strategy)
     model.load_state_dict(loaded["model"])
     with torch.no_grad():  # fp32 runs: the distributed optimizer's main params are views of the parameters
         optimizer.load_state_dict(loaded["optimizer"])

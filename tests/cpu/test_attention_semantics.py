@@ -91,3 +91,40 @@ def test_text_only_training_step_and_the_vision_tower(megatron_runtime, vision_o
     else:
         assert sorted(missing) == sorted(f"vision.{n}" for n, _ in model.vision.named_parameters())
     assert float(model.language.embedding.word_embeddings.weight.grad.abs().max()) > 0
+
+
+def test_only_a_missing_kernel_falls_back_to_the_dense_mask_and_everything_else_is_raised(caplog):
+    """The compiled flex kernel's failures: inductor's NoValidChoicesError (also wrapped, as dynamo's
+    BackendCompilerFailed wraps it) falls back once for that shape, loudly; an out-of-memory or a compiler crash
+    is raised - a transient failure must not turn into a permanent 5x slower attention."""
+    from megatron_moca.models import attention
+
+    class NoValidChoicesError(RuntimeError):
+        pass
+
+    class BackendCompilerFailed(RuntimeError):
+        def __init__(self, inner):
+            super().__init__(f"backend='inductor' raised:\n{type(inner).__name__}: no choices")
+            self.inner_exception = inner
+
+    calls = []
+
+    def failing(error):
+        def compiled(*args, **kwargs):
+            calls.append(error)
+            raise error
+        return compiled
+
+    attention._FLEX_UNSUPPORTED.clear()
+    for key, error in ((("a",), NoValidChoicesError("no valid choices")),
+                       (("b",), BackendCompilerFailed(NoValidChoicesError("x")))):
+        assert attention.compiled_or_none(failing(error), key) is None
+        assert attention.compiled_or_none(failing(error), key) is None  # remembered: not tried again
+    assert len(calls) == 2 and sum("no kernel" in r.getMessage() for r in caplog.records) == 2
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("inductor crashed"),
+                  BackendCompilerFailed(ValueError("bad input"))):
+        with pytest.raises(type(error)):
+            attention.compiled_or_none(failing(error), ("c",))
+    assert ("c",) not in attention._FLEX_UNSUPPORTED
+    assert attention.compiled_or_none(lambda x: x + 1, ("d",), 1) == 2
+    attention._FLEX_UNSUPPORTED.clear()

@@ -99,3 +99,55 @@ def test_a_folder_laid_out_like_the_official_moca_releases_loads(embedder, items
     shutil.copy(os.path.join(tiny_hf_dir, "preprocessor_config.json"), release)
     official = MocaEmbedder(str(release), device="cpu", image=embedder.inputs.builder.cfg.image)
     assert (official.embed(items) - embedder.embed(items)).abs().max() < 1e-6
+
+
+def test_explicit_arguments_win_over_what_the_folder_records_and_the_folder_over_the_defaults(tiny_hf_dir, tmp_path):
+    import json
+    import shutil
+
+    from megatron_moca.conversion.hf_io import write_embedding_settings
+    from megatron_moca.data.image_processing import ImageProcessingConfig
+    from megatron_moca.embed.embedder import MocaEmbedder
+
+    def settings(embedder):
+        cfg = embedder.inputs.builder.cfg
+        return cfg.max_length, cfg.image.min_pixels, cfg.image.max_pixels
+
+    plain = str(tmp_path / "plain")
+    shutil.copytree(tiny_hf_dir, plain, ignore=shutil.ignore_patterns("moca_embedding.json", "preprocessor_config.json"))
+    default = ImageProcessingConfig()
+    assert settings(MocaEmbedder(plain, device="cpu")) == (1280, default.min_pixels, default.max_pixels)
+    processor = str(tmp_path / "processor")  # bounds only in preprocessor_config.json (a base model's folder)
+    shutil.copytree(plain, processor)
+    with open(os.path.join(processor, "preprocessor_config.json"), "w") as f:
+        json.dump({"min_pixels": 6272, "max_pixels": 25088}, f)
+    assert settings(MocaEmbedder(processor, device="cpu")) == (1280, 6272, 25088)
+    release = str(tmp_path / "release")  # moca_embedding.json wins over preprocessor_config.json
+    shutil.copytree(processor, release)
+    write_embedding_settings(release, min_pixels=3136, max_pixels=12544, max_length=48)
+    assert settings(MocaEmbedder(release, device="cpu")) == (48, 3136, 12544)
+    given = MocaEmbedder(release, device="cpu", max_length=96, image=ImageProcessingConfig(min_pixels=12544,
+                                                                                           max_pixels=50176))
+    assert settings(given) == (96, 12544, 50176)
+    long = ["harbour " * 200]
+    assert not torch.allclose(given.embed(long), MocaEmbedder(release, device="cpu").embed(long))  # 96 vs 48 tokens
+
+
+def test_uint8_image_rows_normalised_on_the_device_embed_exactly_as_float_pixels(embedder, items):
+    """Stage 2's loader workers ship uint8 one-frame rows (8x fewer shared-memory bytes than float32 pixels);
+    normalising them where the model runs gives the same embeddings, bit for bit."""
+    from megatron_moca.embed.embedder import pooled_embeddings
+    from megatron_moca.embed.inputs import EmbeddingInputs
+
+    image_items = [i for i in items if isinstance(i, dict)]
+    assert image_items
+    floats = embedder.inputs.batch(image_items)
+    cfg = embedder.inputs.builder.cfg
+    frames = EmbeddingInputs(None, max_length=cfg.max_length, image=cfg.image, pixel_dtype=None).batch(image_items)
+    assert frames["pixel_values"].dtype == torch.uint8 and floats["pixel_values"].dtype == torch.float32
+    assert frames["pixel_values"].shape[1] * 2 == floats["pixel_values"].shape[1]
+    assert frames["pixel_values"].nbytes * 8 == floats["pixel_values"].nbytes
+    with torch.no_grad():
+        a = pooled_embeddings(embedder.model.model, floats, embedder.device)
+        b = pooled_embeddings(embedder.model.model, frames, embedder.device)
+    assert torch.equal(a, b)

@@ -47,9 +47,9 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 12
     assert "24 pairs in 2 subsets, 6 steps per epoch, 12 iterations" in proc.stderr
     assert "iter 12/12 | loss" in proc.stderr and "acc" in proc.stderr
-    assert sorted(os.listdir(save)) == ["config.yaml", "iter_0000005", "iter_0000010", "iter_0000012",
-                                        "latest_checkpointed_iteration.txt", "metrics.jsonl", "release"] + \
-        (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
+    assert sorted(os.listdir(save)) == [".megatron_moca", "config.yaml", "iter_0000005", "iter_0000010",
+                                        "iter_0000012", "latest_checkpointed_iteration.txt", "metrics.jsonl",
+                                        "release"] + (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "12"
     records = read_metrics(save)
     assert [r["step"] for r in records] == [4, 8, 12]
@@ -101,7 +101,11 @@ def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):
     _finetune(tiny_hf_dir, pairs, straight, *common)
     _finetune(tiny_hf_dir, pairs, stopped, *common, "train.exit_interval=4")
     assert [r["step"] for r in read_metrics(stopped)] == [1, 2, 3, 4]
-    os.makedirs(os.path.join(stopped, "iter_0000006.partial"))  # a save cut short by a kill: ignored, replaced
+    from megatron_moca.ownership import mark
+
+    cut = os.path.join(stopped, "iter_0000006.partial")  # a save cut short by a kill (ours): ignored, replaced
+    os.makedirs(cut)
+    mark(cut, "moca finetune")
     resumed = _finetune(tiny_hf_dir, pairs, stopped, *common)
     assert "resumed from" in resumed.stderr and "iter_0000004" in resumed.stderr
     a, b = read_metrics(straight), read_metrics(stopped)
@@ -147,5 +151,6 @@ def test_bad_settings_and_changed_resumes_are_refused(tiny_hf_dir, pairs, tmp_pa
                     "train.train_iters=2", "train.global_batch_size=2")
     assert proc.returncode == 2 and "global_batch_size was 4 and is now 2" in proc.stderr
     assert {name: open(os.path.join(save, name)).read() for name in before} == before
-    assert sorted(os.listdir(save)) == ["config.yaml", "iter_0000001", "latest_checkpointed_iteration.txt",
-                                        "metrics.jsonl"] + (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])
+    assert sorted(os.listdir(save)) == [".megatron_moca", "config.yaml", "iter_0000001",
+                                        "latest_checkpointed_iteration.txt", "metrics.jsonl"] + \
+        (["tensorboard"] if os.path.isdir(os.path.join(save, "tensorboard")) else [])

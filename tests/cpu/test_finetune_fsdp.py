@@ -71,6 +71,7 @@ def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, repl
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt",
             "trainer_state.json"} <= set(os.listdir(checkpoint))
     shutil.copytree(stopped, resharded)
+    _refuses_a_planted_payload(stopped, tiny_hf_dir, pairs, tmp_path)
     resumed = _run(2, tiny_hf_dir, pairs, stopped, "parallel.fsdp=true")
     assert "resumed from" in resumed.stderr
     assert _numbers(read_metrics(stopped)) == _numbers(read_metrics(straight))  # bit for bit
@@ -87,6 +88,35 @@ def test_fsdp_trains_as_one_process_and_resumes_exactly(tiny_hf_dir, pairs, repl
     proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={stopped}",
                     *SMALL, "train.train_iters=4")
     assert proc.returncode == 2 and "fsdp was True and is now False" in proc.stderr
+
+
+class _Payload:
+    """Pickles as a call of os.system: unpickling it unrestricted creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _refuses_a_planted_payload(run, tiny_hf_dir, pairs, tmp_path):
+    """The FSDP resume path audits the torch.distributed.checkpoint folder before torch unpickles it: a
+    `.metadata` carrying a payload is refused in one line and the payload never runs."""
+    import pickle
+
+    planted = str(tmp_path / "planted")
+    shutil.copytree(run, planted, copy_function=os.link)
+    metadata = os.path.join(planted, "iter_0000002", ".metadata")
+    os.unlink(metadata)  # breaks the hard link: the run keeps its file
+    marker = str(tmp_path / "PWNED")
+    with open(metadata, "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={planted}",
+                    *SMALL, "parallel.fsdp=true")
+    assert proc.returncode == 2 and not os.path.exists(marker), proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"moca: error: {metadata}: refused to load: it asks for "
+                                                           "posix.system")
 
 
 def _numbers(records):

@@ -58,8 +58,9 @@ def test_run_directory_contract_and_falling_loss(reference_run):
     from megatron_moca.config.pretrain import PretrainConfig
 
     save, proc = reference_run
-    expected = ["config.yaml", "iter_0000003", "iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt",
-                "metrics.jsonl"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
+    expected = [".megatron_moca", "config.yaml", "iter_0000003", "iter_0000006", "iter_0000008",
+                "latest_checkpointed_iteration.txt", "metrics.jsonl"] + \
+        (["tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     assert sorted(os.listdir(save)) == expected
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "8"
     cfg = build(PretrainConfig, yaml.safe_load(open(os.path.join(save, "config.yaml"))))
@@ -197,8 +198,12 @@ def parallel_runs(shards, reference_run, tmp_path_factory):
     out = {}
     for name, (nproc, extra) in layouts.items():
         save = str(root / name)
+        if name == "dp2":  # stopped after iteration 2 and resumed: megatron's fully parallel save and load
+            proc = torchrun_moca(nproc, *pretrain_args(shards, save, *common, *extra, "train.exit_interval=2"))
+            assert proc.returncode == 0, (name, proc.stderr[-3000:])
         proc = torchrun_moca(nproc, *pretrain_args(shards, save, *common, *extra))
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        assert name != "dp2" or "resumed from" in proc.stderr
         out[name] = metrics(save)
     return out
 

@@ -53,7 +53,7 @@ def test_mae_decoder_starts_as_llm_layer_half_depth(megatron_runtime):
     # the same function, not just the same numbers: one input through both layers
     x = torch.randn(12, 1, model.cfg.language.hidden_size)
     ids = torch.randint(0, 1000, (1, 12))
-    mask, rotary = model.attention_context(ids)
+    mask, rotary, _ = model.attention_context(ids)
     with torch.no_grad():
         ours, _ = decoder.layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
         ref, _ = source(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary)
@@ -94,8 +94,9 @@ def test_mae_predictions_pair_with_the_loaders_targets(megatron_runtime, packed_
         hidden = _forward(model, inputs)
         predictions = model.mae_predictions(hidden, select, inputs["input_ids"], inputs["position_ids"],
                                             inputs["document_ids"], inputs["image_grid_thw"])
-        everywhere = model.mae_decoder(hidden, *model.attention_context(
-            inputs["input_ids"], inputs["position_ids"], inputs["document_ids"]))  # [b, s, 4704]
+        mask, rotary, packed = model.attention_context(inputs["input_ids"], inputs["position_ids"],
+                                                       inputs["document_ids"])
+        everywhere = model.mae_decoder(hidden, mask, rotary, packed_seq_params=packed)  # [b, s, 4704]
     assert predictions.shape == (n, 4 * 1176)
     assert torch.equal(predictions, everywhere[select])
     # the targets are the clean pixels of exactly the noised merge groups, in token order; the model saw

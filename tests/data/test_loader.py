@@ -186,3 +186,75 @@ def test_max_samples_per_source_uses_the_first_samples_and_sets_the_blend(source
     assert set(seen) == {(os.path.join(sources[0], a.names[0]), k) for k in range(8)} | \
         {(os.path.join(sources[0], a.names[1]), k) for k in range(4)} and set(seen.values()) == {3}
     assert np.allclose(np.diff(ld.plan.cdf, prepend=0), [12 / 22, 10 / 22])
+
+
+def text_source(folder, n, bad=()):
+    """A one-shard source of n short text documents; those in `bad` hold a stray <|image_pad|> (the sample
+    builder refuses them: skipped as bad_text)."""
+    docs = [Document(f"t-{i:03d}", [f"document {i} " * 4 + (" <|image_pad|>" if i in bad else "")], [])
+            for i in range(n)]
+    return write_source(folder, docs, per_shard=n)
+
+
+def keys_by_epoch(ld, n, epochs):
+    """{epoch: [keys in the order this rank read them]} (bad samples included) over `epochs` passes."""
+    out = {}
+    for _, (step, _, local, sample) in ld.samples():
+        if local >= n * epochs:
+            return out
+        out.setdefault(local // n, []).append(sample.key)
+
+
+def test_permuted_order_changes_every_epoch_and_is_fixed_by_the_seed(tmp_path):
+    src = text_source(tmp_path / "s", 40)
+    epochs = keys_by_epoch(loader([src]), 40, 3)
+    assert all(sorted(keys) == [f"t-{i:03d}" for i in range(40)] for keys in epochs.values())  # each a whole pass
+    assert len({tuple(keys) for keys in epochs.values()}) == 3  # three different orders
+    assert epochs[0] != sorted(epochs[0])  # not the manifest order
+    assert keys_by_epoch(loader([src]), 40, 3) == epochs  # the same seed, the same orders
+    assert keys_by_epoch(loader([src], seed=6), 40, 1)[0] != epochs[0]
+
+
+@pytest.mark.parametrize("margin, raises", [(0.0, False), (-0.5, True)])
+def test_bad_sample_budget_is_per_rank_and_per_epoch_at_its_boundary(tmp_path, margin, raises):
+    """40 samples, 6 of them bad, 2 data-parallel ranks, 3 epochs. Each (rank, epoch) is charged the bad samples
+    it read (seen from the stream, not from the loader's counters); the budget fraction x 40 / 2 allows exactly
+    the largest of those counts, and half a sample less stops the run at that count."""
+    bad = {1, 7, 8, 20, 33, 39}
+    src = text_source(tmp_path / "s", 40, bad)
+    charged = {}
+    for rank in range(2):
+        for epoch, keys in keys_by_epoch(loader([src], dp_rank=rank, dp_size=2), 40, 3).items():
+            charged[rank, epoch] = sum(int(k[2:]) in bad for k in keys)
+    assert sum(charged[r, 0] for r in range(2)) == 6 and len(set(charged.values())) > 1
+    worst = max(charged.values())
+    fraction = (worst + margin) * 2 / 40
+    for rank in range(2):
+        ld = loader([src], dp_rank=rank, dp_size=2, max_bad_sample_fraction=fraction)
+        it = iter(ld)
+        will_raise = raises and worst in [charged[rank, e] for e in range(3)]
+        if will_raise:
+            with pytest.raises(DataError, match=f"shard-000000.tar: {worst} unusable samples of its 40 "):
+                take_samples(it, 60)
+        else:
+            take_samples(it, 55)  # three epochs of this rank's 20 samples, less its bad ones
+            assert ld.state_dict()["skipped"]["bad_text"] >= sum(charged[rank, e] for e in range(2))
+
+
+def test_a_pass_without_any_usable_sample_stops_after_this_ranks_share(tmp_path, caplog):
+    import logging
+
+    src = text_source(tmp_path / "all_bad", 40, bad=set(range(40)))
+    for rank in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_moca.data.loader"):
+            with pytest.raises(DataError, match="no usable sample in a whole pass over its 40 samples"):
+                next(iter(loader([src], dp_rank=rank, dp_size=2, max_bad_sample_fraction=1.0)))
+        # this rank's share of a pass is 20 reads, but never fewer than 32 (or the whole source)
+        assert sum("skipped sample" in r.getMessage() for r in caplog.records) == 32
+    # good and bad interleaved (every odd document bad): over 7 passes this rank skips about 70 samples, far more
+    # than 32, but never 32 in a row - the count restarts at each good one, so the run goes on
+    half = text_source(tmp_path / "half", 40, bad=set(range(1, 40, 2)))
+    ld = loader([half], dp_rank=1, dp_size=2, max_bad_sample_fraction=1.0)
+    take_samples(iter(ld), 70)
+    assert ld.state_dict()["skipped"]["bad_text"] >= 60

@@ -28,6 +28,11 @@ CASES = [
     ("float_dim", {"w": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, "has a bad shape"),
     ("bad_offsets", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, "has bad data_offsets"),
     ("past_the_end", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "is truncated or malformed"),
+    ("one_past_the_end", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [5, 9]}}, "is truncated or malformed"),
+    ("negative_start", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "is truncated or malformed"),
+    ("end_before_start", {"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, "is truncated or malformed"),
+    ("overlap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "tensors 'a' and 'b' overlap"),
     # 2**40 elements claimed for 8 bytes: refused from the header, nothing allocated
     ("absurd_shape", {"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 8]}},
      "holds 8 bytes, its shape [1048576, 1048576] needs 4398046511104"),
@@ -51,8 +56,16 @@ def test_malformed_header_is_one_line(name, header, message, tmp_path, monkeypat
 
 
 def test_a_good_file_still_reads(tmp_path):
-    write_safetensors(str(tmp_path / "model.safetensors"), {"w": torch.arange(3.0)})
-    assert torch.equal(SafetensorsReader(str(tmp_path)).get("w"), torch.arange(3.0))
+    write_safetensors(str(tmp_path / "model.safetensors"), {"w": torch.arange(3.0), "v": torch.ones(2, 0),
+                                                           "u": torch.tensor([7], dtype=torch.int64)})
+    reader = SafetensorsReader(str(tmp_path))
+    assert torch.equal(reader.get("w"), torch.arange(3.0)) and reader.get("v").shape == (2, 0)
+    assert reader.get("u").tolist() == [7]  # adjacent spans (end == next start) and empty tensors are fine
+    # the last byte of the data section is a tensor's last byte: the bound is inclusive
+    (tmp_path / "edge").mkdir()
+    st_file(tmp_path / "edge" / "model.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            struct.pack("<2f", 1.5, -2.0))
+    assert SafetensorsReader(str(tmp_path / "edge")).get("w").tolist() == [1.5, -2.0]
 
 
 @pytest.mark.parametrize("index, message", [

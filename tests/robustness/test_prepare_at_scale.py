@@ -82,13 +82,15 @@ def test_mistyped_records_and_unbounded_image_files_are_skipped_and_counted(tmp_
 def test_inputs_whose_names_differ_only_in_unsafe_characters_get_distinct_keys(tmp_path):
     src = tmp_path / "in"
     (src / "a").mkdir(parents=True)
-    for name in ("a.b.jsonl", "a_b.jsonl", "a/b.jsonl", "a-b.jsonl"):
+    (src / "x").mkdir()
+    (src / "y").mkdir()
+    names = ("a.b.jsonl", "a_b.jsonl", "a/b.jsonl", "a-b.jsonl", "x/docs.jsonl", "y/docs.jsonl")  # the last two:
+    for name in names:                                                             # the same base name
         (src / name).write_text(json.dumps({"text": f"from {name}"}) + "\n")
     assert run_moca("data", "prepare", "--input", str(src), "--output", str(tmp_path / "out"),
                     "--workers", "1").returncode == 0
     docs = documents(str(tmp_path / "out"))
-    assert len(docs) == 4 and sorted(seg[0][0] for seg in docs.values()) == \
-        sorted(f"from {n}" for n in ("a.b.jsonl", "a_b.jsonl", "a/b.jsonl", "a-b.jsonl"))
+    assert len(docs) == 6 and sorted(seg[0][0] for seg in docs.values()) == sorted(f"from {n}" for n in names)
 
 
 def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, real_images):
@@ -128,6 +130,15 @@ def test_partitions_merged_hold_the_documents_of_one_prepare(tmp_path, real_imag
     assert documents(parts) == documents(whole)
     manifest = json.load(open(os.path.join(parts, "manifest.json")))
     assert manifest["totals"] == json.load(open(os.path.join(whole, "manifest.json")))["totals"]
+    # the order is pinned too: partition 0 (inputs 0 and 2) then partition 1 (input 1), each in input order
+    part = [json.load(open(os.path.join(parts, f"part-0000{i}-of-00002", "manifest.json"))) for i in range(2)]
+    assert part[0]["inputs"] == ["part0.jsonl", "part2.jsonl"] and part[1]["inputs"] == ["part1.jsonl"]
+    assert manifest["inputs"] == part[0]["inputs"] + part[1]["inputs"]
+    assert [s["name"] for s in manifest["shards"]] == \
+        [f"part-0000{i}-of-00002/{s['name']}" for i in range(2) for s in part[i]["shards"]]
+    whole_keys = list(documents(whole))
+    by_input = {name: [k for k in whole_keys if k.startswith(name.replace(".jsonl", "-"))] for name in manifest["inputs"]}
+    assert list(documents(parts)) == [k for name in manifest["inputs"] for k in by_input[name]]
     verify = run_moca("data", "verify", parts)  # the loader's checks accept the partitions' subfolders
     assert verify.returncode == 0, verify.stderr
     # the loader reads the merged dataset, and counts a bad sample inside a partition's shard

@@ -1,6 +1,7 @@
 """data/pairs.py: MMEB-train tables -> pairs (stringified negative lists, image paths, caps, errors) and
 the batch order (mixed / single_task, per-epoch reshuffle, data-parallel slices)."""
 
+import ast
 import json
 
 import numpy as np
@@ -109,3 +110,32 @@ def test_empty_negative_texts_follow_the_reference(tmp_path):
                                ("<|image_1|>\\nRepresent the given image.", str(tmp_path / "img" / "n2.png"))]
     assert second.negatives[1:] == [("alpha", None), ("beta", None)] and second.negatives[0][0] in ("alpha", "beta")
     assert PairsData(cfg).pairs[1].negatives == second.negatives
+
+
+def test_empty_negative_substitution_over_many_rows_is_per_row_seeded_and_never_invents_text(tmp_path):
+    """40 rows, each with two empty negatives among 'alpha' / 'beta' / 'gamma' (at varying places): every empty
+    one takes a text of its own row's non-empty negatives, the non-empty ones stay in place, the draws vary
+    across rows (not one fixed choice), repeat on every read, and follow data.seed."""
+    texts = ["alpha", "beta", "gamma"]
+    rows = []
+    for i in range(40):
+        own = [texts[i % 3], texts[(i + 1) % 3]]
+        layout = [own[0], "", own[1], ""] if i % 2 else ["", own[0], "", own[1]]
+        rows.append({"qry": f"q{i}", "pos_text": f"positive {i}", "neg_text": repr(layout)})
+    _table(tmp_path / "Set" / "train.jsonl", rows)
+
+    def negatives(seed):
+        return [[t for t, _ in p.negatives] for p in PairsData(PairsDataConfig(paths=[str(tmp_path / "Set")],
+                                                                               seed=seed)).pairs]
+
+    first = negatives(0)
+    for i, (row, got) in enumerate(zip(rows, first)):
+        given = ast.literal_eval(row["neg_text"])
+        own = [t for t in given if t]
+        assert len(got) == 4 and all(g == t for g, t in zip(got, given) if t), i
+        assert all(g in own for g, t in zip(got, given) if not t), (i, got, own)
+    filled = [g for got, row in zip(first, rows) for g, t in zip(got, ast.literal_eval(row["neg_text"])) if not t]
+    assert len(set(filled)) == 3  # every text was drawn somewhere
+    picks = [[g for g, t in zip(got, ast.literal_eval(row["neg_text"])) if not t] for got, row in zip(first, rows)]
+    assert len({tuple(p) for p in picks}) > 2 and any(a != b for a, b in picks)  # per row and per slot
+    assert negatives(0) == first and negatives(1) != first

@@ -34,3 +34,22 @@ def test_plot_names_a_folder_without_metrics(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.strip() == f"moca: error: {tmp_path}: no metrics.jsonl (not a moca pretrain / " \
                                               "finetune run directory)"
+
+
+def test_metrics_records_are_strict_json_without_nan(tmp_path):
+    """A record's non-finite number (a gradient norm the update did not report) is written as null: JSON has no
+    NaN, and strict readers refuse a file that holds one."""
+    import json
+    import math
+
+    from megatron_moca.training.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), 0)
+    writer.write({"step": 1, "loss": 2.5, "grad_norm": float("nan"), "mfu": None,
+                  "skipped_samples": {"bad_image": 1, "odd": float("inf")}})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert record == {"step": 1, "loss": 2.5, "grad_norm": None, "mfu": None,
+                      "skipped_samples": {"bad_image": 1, "odd": None}}
+    assert not math.isnan(record["loss"])

@@ -85,12 +85,16 @@ def test_validation_before_any_process_group(tmp_path):
         (dict(checkpoint=dict(load="/nowhere")), 1, "checkpoint.load=/nowhere: no such directory"),
         (dict(data=dict(paths=[str(tmp_path)])), 1, "has no manifest.json"),
         (dict(data=dict(pack_length=1000)), 1, "sample.max_length=1280 exceeds data.pack_length=1000"),
-        # bounds where AdamW would overflow or divide by zero, each at the first value past the bound
-        (dict(optim=dict(lr=3.4e38)), 1, "optim.lr=3.4e+38 / optim.min_lr=0.0: need 0 <= min_lr <= lr and 0 < lr <= 1"),
-        (dict(optim=dict(lr=1.0000001)), 1, "0 < lr <= 1"),
+        # bounds where AdamW would overflow or divide by zero, each just past the bound
+        (dict(optim=dict(lr=3.4e38)), 1, "optim.lr=3.4e+38: AdamW's first step, lr / (1 - adam_beta1) = 3.4e+39, "
+                                         "overflows float32"),
+        (dict(optim=dict(lr=3.41e37)), 1, "lr / (1 - adam_beta1) = 3.41e+38, overflows float32"),
+        (dict(optim=dict(lr=3.41e38, adam_beta1=0.0)), 1, "lr / (1 - adam_beta1) = 3.41e+38, overflows float32"),
         (dict(optim=dict(adam_beta2=1.0)), 1, "optim.adam_beta2=1.0: must be within [0, 1)"),
-        (dict(optim=dict(adam_eps=0.0)), 1, "optim.adam_eps=0.0: must be within (0, 1]"),
-        (dict(optim=dict(lr=0.5, weight_decay=2.5)), 1, "need 0 <= weight_decay x lr <= 1"),
+        (dict(optim=dict(adam_beta1=-0.1)), 1, "optim.adam_beta1=-0.1: must be within [0, 1)"),
+        (dict(optim=dict(adam_eps=0.0)), 1, "optim.adam_eps=0.0: must be > 0"),
+        (dict(optim=dict(lr=1e30, weight_decay=1e9)), 1, "with lr x weight_decay <= 3.4e+38"),
+        (dict(optim=dict(weight_decay=-0.01)), 1, "need weight_decay >= 0"),
         (dict(optim=dict(clip_grad=-1.0)), 1, "clip_grad >= 0"),
         (dict(objective=dict(mae_weight=1001.0)), 1, "objective.mae_weight=1001.0: must be within (0, 1000]"),
     ]
@@ -101,8 +105,9 @@ def test_validation_before_any_process_group(tmp_path):
 
 
 def test_the_bounds_themselves_are_accepted(tmp_path):
-    valid(tmp_path, optim=dict(lr=1.0, min_lr=1.0, adam_beta1=0.0, adam_eps=1.0, weight_decay=1.0),
+    valid(tmp_path, optim=dict(lr=3.4e37, min_lr=3.4e37, adam_beta1=0.9, weight_decay=10.0, adam_eps=1e-30),
           objective=dict(mae_weight=1000.0)).validate(world_size=1)
+    valid(tmp_path, optim=dict(lr=3.4e38, adam_beta1=0.0, lr_warmup_iters=0)).validate(world_size=1)
 
 
 BOMB = "\n".join(["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +

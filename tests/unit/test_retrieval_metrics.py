@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import pytrec_means
 from megatron_moca.errors import UserError
 from megatron_moca.eval.beir import read_beir
 from megatron_moca.eval.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_metrics
@@ -95,25 +96,6 @@ def test_ties_rank_by_document_id_descending_as_trec_eval():
     assert out["mrr@3"] == pytest.approx(1 / 3) and out["recall@1"] == 0.0  # c, b, a
 
 
-def _pytrec_means(scores, query_ids, doc_ids, qrels, k):
-    """pytrec_eval's per-query ndcg_cut_k / recall_k and recip_rank over the top k, averaged as BEIR does."""
-    import pytrec_eval  # the dev extra installs it: a missing reference is a failure, not a skip
-    run = {q: {d: float(scores[i, j]) for j, d in enumerate(doc_ids)} for i, q in enumerate(query_ids)}
-    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
-                                               {f"ndcg_cut.{k}", f"recall.{k}"})
-    full = evaluator.evaluate(run)
-    from megatron_moca.eval.metrics import rankings
-
-    order = rankings(scores, doc_ids, k)
-    top = {q: {doc_ids[d]: float(scores[i, d]) for d in order[i]} for i, q in enumerate(query_ids)}
-    rr = pytrec_eval.RelevanceEvaluator({q: {d: int(g) for d, g in j.items()} for q, j in qrels.items()},
-                                        {"recip_rank"}).evaluate(top)
-    n = len(full)
-    return {f"ndcg@{k}": sum(v[f"ndcg_cut_{k}"] for v in full.values()) / n,
-            f"recall@{k}": sum(v[f"recall_{k}"] for v in full.values()) / n,
-            f"mrr@{k}": sum(v["recip_rank"] for v in rr.values()) / n, "queries": n}
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_metrics_equal_pytrec_eval_on_ties_zero_judged_and_graded_qrels(seed):
     g = torch.Generator().manual_seed(seed)
@@ -132,7 +114,7 @@ def test_metrics_equal_pytrec_eval_on_ties_zero_judged_and_graded_qrels(seed):
         qrels[q] = {doc_ids[j]: float(x) for j, x in zip(judged, grades)}
     for k in (1, 5, 10):
         ours = retrieval_metrics(scores, query_ids, doc_ids, qrels, ks=(k,))
-        theirs = _pytrec_means(scores, query_ids, doc_ids, qrels, k)
+        theirs = pytrec_means(scores, query_ids, doc_ids, qrels, k)
         assert ours["queries"] == theirs["queries"]
         for key in (f"ndcg@{k}", f"recall@{k}", f"mrr@{k}"):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (k, key, ours[key], theirs[key])
