@@ -17,7 +17,7 @@ from typing import Optional
 
 
 from megatron_moca.checkpointing import load_model, read_model_config, resolve_checkpoint, save_model
-from megatron_moca.conversion.hf_config import hf_config_from_model, model_config_from_hf
+from megatron_moca.conversion.hf_config import declare_bidirectional, hf_config_from_model, model_config_from_hf
 from megatron_moca.conversion.hf_io import (SafetensorsReader, copy_side_files, read_config, write_embedding_settings,
                                             write_sharded)
 from megatron_moca.conversion.mapping import build_rules
@@ -103,6 +103,8 @@ def mcore_to_hf(checkpoint: str, output: str, hf_base: str = None, max_shard_byt
     config = hf_config_from_model(cfg, cfg.params_dtype)
     if hf_base is not None and os.path.isfile(os.path.join(hf_base, "config.json")):
         _carry_unmodelled_fields(read_config(hf_base), config)
+    if cfg.attention == "bidirectional":  # a MoCa checkpoint: plain AutoModel must run it bidirectionally too
+        declare_bidirectional(config)
     run_config = read_run_config(folder)
     settings = run_embedding_settings(run_config) if run_config else {}
     training = run_training_record(folder, run_config["values"]) if run_config else None

@@ -106,3 +106,28 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dic
             "tokens_per_second": 2,
         },
     }
+
+
+TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+             "rope_scaling", "rope_parameters", "use_sliding_window", "sliding_window", "max_window_layers",
+             "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
+             "tie_word_embeddings", "torch_dtype", "dtype")
+"""The language model's fields of a legacy-layout config, copied into its text_config."""
+
+
+def declare_bidirectional(config: dict) -> dict:
+    """`config` (a Qwen2.5-VL config.json dict, either layout) stating bidirectional attention where transformers,
+    vLLM and sentence-transformers read it: `is_causal: false` at the top level and in a complete `text_config`
+    (transformers 5 builds the language model from text_config - a partial one would fall back to its defaults
+    - and turns a causal mask into a bidirectional one where that config says is_causal false; vLLM's pooling
+    runner reads text_config too). The legacy top-level fields stay for readers of the old layout. Returns it."""
+    text = dict(config.get("text_config") or {})
+    for key in TEXT_KEYS:
+        if key in config and key not in text:
+            text[key] = config[key]
+    text.setdefault("model_type", "qwen2_5_vl_text")
+    text["is_causal"] = False
+    config["text_config"] = text
+    config["is_causal"] = False
+    return config

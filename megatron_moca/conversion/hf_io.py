@@ -35,15 +35,20 @@ def read_config(folder: str) -> dict:
     return load_json(path)
 
 
-def load_transformers_model(folder: str, dtype: torch.dtype):
+def load_transformers_model(folder: str, dtype: torch.dtype, device=None):
     """transformers' Qwen2_5_VLForConditionalGeneration from an HF folder (sdpa attention), reading
-    safetensors only (a pickled pytorch_model.bin is never opened) and never code from the folder."""
+    safetensors only (a pickled pytorch_model.bin is never opened) and never code from the folder. device: a
+    GPU to load the weights straight onto (no host copy of the model per rank: 8 ranks x 33 GB of fp32 7B
+    weights would otherwise sit in one node's memory at start-up); None or the CPU: on the host."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     read_config(folder)  # a one-line error for a folder that is not an HF model
+    placement = {"device_map": {"": torch.device(device)}} if device is not None and \
+        torch.device(device).type == "cuda" else {}
     try:
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False)
+            folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False,
+            **placement)
     except Exception as e:  # transformers raises many types for unloadable folders
         message = str(e).splitlines()[0][:300] if str(e) else ""
         raise UserError(f"{folder}: transformers cannot load it ({type(e).__name__}: {message})") from None

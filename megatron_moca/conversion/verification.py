@@ -2,8 +2,9 @@
 
 Two checks on CPU: (1) every HF tensor against the checkpoint's tensor mapped back to HF layout
 (names each mismatching tensor), (2) logits of the transformers model and of MocaVLM on a fixed
-batch with an image, padding and a text-only row: causal mode against HF's own causal model, and
-bidirectional mode against HF given a padding-only 4-D mask. The last line printed is
+batch with an image, padding and a text-only row: causal mode against HF given a causal 4-D mask, and
+bidirectional mode against HF given a padding-only one (explicit masks: an export of a MoCa checkpoint
+declares is_causal false, so HF's own mask would be bidirectional in both). The last line printed is
 `max_abs_diff=<float>`; the command fails above the tolerance.
 """
 
@@ -50,12 +51,11 @@ def fixed_batch(cfg, seed: int = 0):
 @torch.no_grad()
 def hf_logits(hf_model, ids, mask, pixels, grid, image_token_id: int, bidirectional: bool):
     mm_types = (ids == image_token_id).int()  # text (0) / image (1) per token
-    if not bidirectional:
-        return hf_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
-                        mm_token_type_ids=mm_types).logits
     pos, _ = hf_model.model.get_rope_index(ids, mm_types, grid, attention_mask=mask)
     b, s = ids.shape
     keys = mask.bool()[:, None, None, :].expand(b, 1, s, s)  # HF 4-D bool: True = attend
+    if not bidirectional:  # spelled out: a MoCa export's config declares is_causal false, so HF's own is not causal
+        keys = keys & torch.ones(s, s, dtype=torch.bool).tril()
     return hf_model(input_ids=ids, attention_mask=keys, position_ids=pos, pixel_values=pixels,
                     image_grid_thw=grid).logits
 

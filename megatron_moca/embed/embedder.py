@@ -64,7 +64,7 @@ class MocaEmbedder:
             image = ImageProcessingConfig(**bounds)
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_transformers_model(model_dir, dtype)
+        model = load_transformers_model(model_dir, dtype, self.device)  # on a GPU: no host copy of the weights
         self.model = model.to(self.device).eval()
         self.inputs = EmbeddingInputs(model_dir, max_length=max_length, image=image, pixel_dtype=dtype)
         self.tokenizer = self.inputs.tokenizer

@@ -53,3 +53,12 @@ def step_loader(steps: ContrastiveSteps, start: int, num_workers: int):
     return iter(torch.utils.data.DataLoader(steps, sampler=range(start, len(steps)), batch_size=None,
                                             num_workers=num_workers, prefetch_factor=2 if num_workers else None,
                                             persistent_workers=False, worker_init_fn=init_loader_worker))
+
+
+def close_loader(loader) -> None:
+    """Stop step_loader's worker processes now, the graceful way (each finishes its item and exits): a run that
+    stops early (exit_interval, preemption, an error) would otherwise leave them to the interpreter's exit,
+    where multiprocessing's SIGTERM does not reach them (they leave preemption signals to the trainer)."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # torch's DataLoader iterator with workers
+    if shutdown is not None:
+        shutdown()

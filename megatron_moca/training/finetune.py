@@ -58,7 +58,9 @@ def _load_model(folder: str, cfg: FinetuneConfig, device: torch.device):
 
         model = meta_model(folder)
     else:
-        model = load_transformers_model(folder, torch.float32).to("cpu" if cfg.parallel.fsdp else device)
+        # replicated: straight onto the GPU (no host copy per rank); FSDP: rank 0 on the host, fully_shard moves it
+        model = load_transformers_model(folder, torch.float32, None if cfg.parallel.fsdp else device)
+        model = model.to("cpu" if cfg.parallel.fsdp else device)
     model.train()
     if cfg.model.gradient_checkpointing and not cfg.parallel.fsdp:  # FSDP: checkpoint_wrapper before fully_shard
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -244,7 +246,7 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     from megatron_moca.data.pairs import BatchPlan, PairsData
     from megatron_moca.distributed import runtime
     from megatron_moca.embed.inputs import EmbeddingInputs
-    from megatron_moca.training.contrastive_batches import ContrastiveSteps, step_loader
+    from megatron_moca.training.contrastive_batches import ContrastiveSteps, close_loader, step_loader
     from megatron_moca.training.contrastive_step import PooledEncoder
     from megatron_moca.training.finetune_state import check_resumable, lm_head_is_tied, load_optimizer_and_rng
     from megatron_moca.training.loop import LoopSettings, open_run_directory, train
@@ -297,6 +299,9 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, float]:
     inputs = EmbeddingInputs(cfg.model.path, max_length=cfg.data.max_length, image=cfg.data.image, pixel_dtype=None)
     steps = ContrastiveSteps(data, plan, inputs, rank, dp, train_iters, cfg.objective.hard_negatives,
                              cfg.train.micro_batch_size)
-    stage = Stage2(cfg, model, encoder, optimizer, step_loader(steps, iteration, cfg.data.num_workers), train_iters,
-                   identity, embedding, tied, base_config, device)
-    return train(stage, LoopSettings.of(cfg, train_iters, dp, device), iteration, consumed)
+    loader = step_loader(steps, iteration, cfg.data.num_workers)
+    stage = Stage2(cfg, model, encoder, optimizer, loader, train_iters, identity, embedding, tied, base_config, device)
+    try:
+        return train(stage, LoopSettings.of(cfg, train_iters, dp, device), iteration, consumed)
+    finally:
+        close_loader(loader)

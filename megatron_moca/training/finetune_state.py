@@ -75,6 +75,7 @@ def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype, embedding
     what the run trained with) recorded for clients (hf_io.write_embedding_settings). Rank 0 writes; with
     FSDP every rank must call it (the weights are gathered one tensor at a time)."""
     from megatron_moca.conversion.convert import DTYPE_NAMES
+    from megatron_moca.conversion.hf_config import declare_bidirectional
     from megatron_moca.conversion.hf_io import copy_side_files, read_config, write_embedding_settings, write_sharded
 
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -86,6 +87,10 @@ def write_hf_folder(model, base: str, folder: str, dtype: torch.dtype, embedding
     config["torch_dtype"] = DTYPE_NAMES[dtype]
     if "dtype" in config:  # transformers >= 5 writes this name
         config["dtype"] = DTYPE_NAMES[dtype]
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].pop("dtype", None)
+        config["text_config"].pop("torch_dtype", None)
+    declare_bidirectional(config)  # what the run trained: plain AutoModel is the embedder's encoder
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     copy_side_files(base, folder)

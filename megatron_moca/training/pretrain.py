@@ -158,10 +158,11 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
     from megatron_moca.training.batches import StepBatches
     from megatron_moca.training.loop import LoopSettings, open_run_directory, train
     from megatron_moca.training.optimizer import setup
-    from megatron_moca.training.state import has_checkpoint, load_training_checkpoint
+    from megatron_moca.training.state import check_resume_data, has_checkpoint, load_training_checkpoint
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.validate(world)
+    check_resume_data(cfg)  # a changed batch or data blend is refused before anything is built
     p = cfg.parallel
     layout = runtime.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.train.seed,
                                 timeout_minutes=p.timeout_minutes)
@@ -180,12 +181,17 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, float]:
                           tokens.image_token_id, layout.dp_rank, layout.data_parallel_size, state=loader_state)
     replica_group, source, stages = _replica_source(layout)
     builds = source in (None, layout.rank)  # only the replica's source reads rows and touches images
-    batches = StepBatches(iter(loader) if builds else None, cfg.num_microbatches(world),
+    rows = iter(loader) if builds else None
+    batches = StepBatches(rows, cfg.num_microbatches(world),
                           cfg.train.micro_batch_size, layout.device, getattr(torch, cfg.model.params_dtype),
                           _image_decoder(cfg, layout.device) if builds else None, ps.get_data_parallel_group(),
                           replica_group, source, stages, causal=cfg.model.attention == "causal")
     stage = Stage1(cfg, layout, model, ddp_model, optimizer, scheduler, loader, batches)
-    return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world, layout.device), iteration, consumed)
+    try:
+        return train(stage, LoopSettings.of(cfg, cfg.train.train_iters, world, layout.device), iteration, consumed)
+    finally:
+        if rows is not None:  # the loader's worker pool stops now, gracefully (its workers ignore SIGTERM)
+            rows.close()
 
 
 def _skipped_samples(loader, reads: bool, device) -> Dict[str, int]:

@@ -44,6 +44,22 @@ def data_identity(cfg: PretrainConfig) -> dict:
             "seed": d.seed}
 
 
+def check_resume_data(cfg: PretrainConfig) -> None:
+    """Before anything is built: a resume of checkpoint.save's latest checkpoint must read the same data in the
+    same global batches (a UserError naming the first difference, unless checkpoint.allow_data_change)."""
+    iteration = read_tracker(cfg.checkpoint.save)
+    if iteration is None:
+        return
+    from megatron_moca.checkpointing import iteration_dir
+
+    folder = iteration_dir(cfg.checkpoint.save, iteration)
+    try:
+        saved = read_checkpoint_json(folder).get("data")
+    except FileNotFoundError:
+        return  # resolve_checkpoint names an incomplete checkpoint when the resume loads it
+    _check_same_data(cfg, folder, saved)
+
+
 def _check_same_data(cfg: PretrainConfig, folder: str, saved: Optional[dict]) -> None:
     if saved is None or cfg.checkpoint.allow_data_change:  # checkpoints written before it was recorded
         return

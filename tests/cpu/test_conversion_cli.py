@@ -73,7 +73,10 @@ def test_mcore_to_hf_round_trip_is_bit_identical(tiny_hf_dir, tiny_mcore_dir, tm
     assert all(torch.equal(original[k], back[k]) for k in original)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     assert os.path.isfile(os.path.join(out, "preprocessor_config.json"))
-    assert json.load(open(os.path.join(out, "config.json")))["vision_config"]["tokens_per_second"] == 4  # the base's
+    exported = json.load(open(os.path.join(out, "config.json")))
+    assert exported["vision_config"]["tokens_per_second"] == 4  # the base's
+    # the checkpoint records bidirectional attention: so does the export, where transformers reads it
+    assert exported["is_causal"] is False and exported["text_config"]["is_causal"] is False
     assert not os.path.exists(os.path.join(out, "moca_embedding.json"))  # a converted model, not a run: no settings
     from transformers import Qwen2_5_VLForConditionalGeneration
 

@@ -10,8 +10,12 @@ from helpers import write_stage1_shards
 def test_demo_runs_both_stages_and_reruns_without_redoing(tmp_path):
     from megatron_moca.demo import run_demo
 
+    from megatron_moca.ownership import mark
+
     work = tmp_path / "demo"
-    write_stage1_shards(work / "shards", documents=16)
+    write_stage1_shards(work / "shards", documents=16)  # as if the demo's first step had run (no download here)
+    mark(str(work), "moca demo")
+    mark(str(work / "shards"), "moca data demo")
     lines = []
     quick = ["train.train_iters=4", "checkpoint.save_interval=2", "logging.log_interval=2",
              "sample.max_length=100", "data.pack_length=128"]

@@ -60,7 +60,11 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
     assert {"optimizer.pt", "rng_rank0.pt", "trainer_state.json", "config.json"} <= set(os.listdir(
         os.path.join(save, "iter_0000012")))
     release = os.path.join(save, "release")
-    assert json.load(open(os.path.join(release, "config.json")))["torch_dtype"] == "float32"  # the start's dtype
+    config = json.load(open(os.path.join(release, "config.json")))
+    assert config["torch_dtype"] == "float32"  # the start's dtype
+    # bidirectional where transformers and vLLM read it, in a text_config complete enough to build the model
+    assert config["is_causal"] is False and config["text_config"]["is_causal"] is False
+    assert config["text_config"]["hidden_size"] == config["hidden_size"] and "auto_map" not in config
     assert _training_loss(release, pairs) < _training_loss(tiny_hf_dir, pairs) - 0.1
     # the release says how it was trained to embed: the run's image bounds replace the base's (200704..802816)
     processor = json.load(open(os.path.join(release, "preprocessor_config.json")))

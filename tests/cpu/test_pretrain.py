@@ -152,6 +152,10 @@ def test_resuming_with_another_model_or_data_is_refused_and_changes_nothing(refe
     assert proc.returncode == 2 and "holds a run of another model (model.language differs)" in proc.stderr, \
         proc.stderr[-2000:]
     proc = run_moca(*pretrain_args(f"{shards},{shards}", str(save), "train.train_iters=9"))
+    assert proc.returncode == 2 and "was trained with data.paths=[" in proc.stderr and \
+        "checkpoint.allow_data_change=true" in proc.stderr, proc.stderr[-2000:]
+    proc = run_moca(*pretrain_args(f"{shards},{shards}", str(save), "train.train_iters=9",
+                                   "checkpoint.allow_data_change=true"))  # allowed: the loader still cannot map it
     assert proc.returncode == 2 and "the run read 1 data source(s), data.paths now names 2" in proc.stderr, \
         proc.stderr[-2000:]
     assert {name: (save / name).read_bytes() for name in before} == before

@@ -54,8 +54,11 @@ def test_tuxpaint_set_has_the_documented_counts_and_evaluates(tiny_hf_dir, tmp_p
     qrels = [line.split("\t")[0] for line in open(os.path.join(out, "qrels", "test.tsv")).read().split("\n")[1:] if line]
     shared = {q for q in qrels if qrels.count(q) > 1}
     assert len(qrels) == 792 and len(shared) == 71  # captions of several stamps: several positives
+    with open(os.path.join(out, "notes.txt"), "w") as f:  # a file of the user's in the set's folder
+        f.write("mine")
     again = run_moca("data", "evalset", "--name", "tuxpaint", "--output", out, "--cache", cache)
-    assert again.returncode == 2 and "not an empty directory" in again.stderr
+    assert again.returncode == 2 and "holds 'notes.txt', which megatron_moca did not write there" in again.stderr
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", out, "--max-length", "64",
                     "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -108,7 +108,8 @@ def test_prepare_refuses_a_non_empty_output(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep")
     assert main(["data", "prepare", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "holds files megatron_moca did not write ('x')" in capsys.readouterr().err
+    assert (tmp_path / "out" / "x").read_text() == "keep"
     assert (tmp_path / "out" / "x").read_text() == "keep"
 
 

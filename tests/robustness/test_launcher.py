@@ -81,3 +81,17 @@ def test_a_signal_on_one_rank_stops_both_after_one_save_and_killing_the_launcher
                 process.kill()
             except psutil.Error:
                 pass
+
+
+def test_srun_without_torchrun_is_refused_in_one_line(tiny_hf_dir, tmp_path):
+    """`srun --ntasks 4 python -m megatron_moca.cli finetune ...` (no torchrun): every task would train alone as
+    a world of one on the same GPU; each is refused before its process group starts."""
+    from helpers import run_moca
+
+    pairs = write_pairs(tmp_path / "pairs", text_rows=4, image_rows=2)
+    proc = run_moca("finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", f"checkpoint.save={tmp_path / 'r'}",
+                    "train.global_batch_size=4", env={"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("moca: error: started by srun as task 2 of 4 without torchrun")
+    assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")
