@@ -104,17 +104,26 @@ def claim(folder: str, command: str, flag: str = "--output",
     return False
 
 
+def _not_ours(folder: str) -> Optional[str]:
+    """Why `folder` (an existing directory) may not be deleted or replaced by us: "foreign" when it has no
+    marker of ours, the first name in it that its marker does not account for, or None (ours alone)."""
+    if not is_ours(folder):
+        return "foreign"
+    foreign = _foreign_entries(folder)
+    return repr(foreign[0]) if foreign else None
+
+
 def remove_ours(folder: str, what: str = "") -> None:
     """Delete `folder` (a symlink is never followed) if it carries our marker and nothing foreign; a missing
     one is fine; anything else is a UserError (the folder is left as it is)."""
     if not os.path.lexists(folder):
         return
-    if not is_ours(folder):
+    problem = _not_ours(folder)
+    if problem == "foreign":
         raise UserError(f"{folder}{' (' + what + ')' if what else ''}: exists and was not written by megatron_moca; "
                         "move it away or choose another folder - it was left as it is")
-    foreign = _foreign_entries(folder)
-    if foreign:
-        raise UserError(f"{folder}: holds {foreign[0]!r}, which megatron_moca did not write; move it away first - "
+    if problem:
+        raise UserError(f"{folder}: holds {problem}, which megatron_moca did not write; move it away first - "
                         "the folder was left as it is")
     shutil.rmtree(folder)
 
@@ -139,12 +148,12 @@ def check_replaceable(final: str, flag: str = "--output") -> None:
         return
     if os.path.islink(final) or not os.path.isdir(final):
         raise UserError(f"{flag} {final}: exists and is not a directory; choose a new or empty folder")
-    if not is_ours(final):
+    problem = _not_ours(final)
+    if problem == "foreign":
         raise UserError(f"{flag} {final}: holds files megatron_moca did not write ({_describe(final)}); choose a new "
                         "or empty folder - nothing in it was changed")
-    foreign = _foreign_entries(final)
-    if foreign:
-        raise UserError(f"{flag} {final}: holds {foreign[0]!r}, which megatron_moca did not write there; move it "
+    if problem:
+        raise UserError(f"{flag} {final}: holds {problem}, which megatron_moca did not write there; move it "
                         "away or choose another folder - nothing in it was changed")
 
 

@@ -300,6 +300,14 @@ def synthetic_pictures():
     return out
 
 
+def tiny_finetune_args(hf, pairs):
+    """`moca finetune` on the tiny model and write_pairs tables, small enough for a test (add the iterations,
+    the save interval and checkpoint.save)."""
+    return ["finetune", f"model.path={hf}", f"data.paths={pairs}", "model.compute_dtype=float32",
+            "train.global_batch_size=4", "data.max_length=96", "data.num_workers=1", "data.image.min_pixels=3136",
+            "data.image.max_pixels=6272", "optim.lr=1e-4", "logging.log_interval=1"]
+
+
 def stopped_and_resumed(args, save, stop_at):
     """Run `moca *args` to train.exit_interval=stop_at, rerun it to the end (an automatic resume), and
     return the run's metrics.jsonl records."""

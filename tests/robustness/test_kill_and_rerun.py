@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from helpers import REPO, assert_helpers_gone, child_env, kill_when, run_moca, write_pairs, write_stage1_shards
+from helpers import (REPO, assert_helpers_gone, child_env, kill_when, run_moca, tiny_finetune_args, write_pairs,
+                     write_stage1_shards)
 
 RECIPE = os.path.join(REPO, "examples", "pretrain_tiny_cpu.yaml")
 KEYS1 = ("step", "loss", "mlm_loss", "mae_loss", "grad_norm", "lr")
@@ -54,10 +55,7 @@ def stage2(tiny_hf_dir, tmp_path_factory):
     """The stage-2 command's arguments and its uninterrupted run."""
     tmp = tmp_path_factory.mktemp("stage2")
     pairs = write_pairs(tmp / "pairs", text_rows=8, image_rows=4)
-    common = ["finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", "model.compute_dtype=float32",
-              "train.global_batch_size=4", "data.max_length=96", "data.num_workers=1", "data.image.min_pixels=3136",
-              "data.image.max_pixels=6272", "train.train_iters=4", "checkpoint.save_interval=2", "optim.lr=1e-4",
-              "logging.log_interval=1"]
+    common = [*tiny_finetune_args(tiny_hf_dir, pairs), "train.train_iters=4", "checkpoint.save_interval=2"]
     straight = str(tmp / "straight")
     assert run_moca(*common, f"checkpoint.save={straight}").returncode == 0
     return common, straight

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from helpers import REPO, assert_helpers_gone, child_env, write_pairs
+from helpers import REPO, assert_helpers_gone, child_env, tiny_finetune_args, write_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,7 @@ def wait_for_step(save, step, agent):
 def test_a_signal_on_one_rank_stops_both_after_one_save_and_killing_the_launcher_ends_every_rank(tiny_hf_dir,
                                                                                                   tmp_path):
     pairs = write_pairs(tmp_path / "pairs", text_rows=8, image_rows=8)
-    args = ["finetune", f"model.path={tiny_hf_dir}", f"data.paths={pairs}", "model.compute_dtype=float32",
-            "train.global_batch_size=4", "data.max_length=96", "data.num_workers=1", "data.image.min_pixels=3136",
-            "data.image.max_pixels=6272", "train.train_iters=40", "checkpoint.save_interval=100", "optim.lr=1e-4",
-            "logging.log_interval=1"]
+    args = [*tiny_finetune_args(tiny_hf_dir, pairs), "train.train_iters=40", "checkpoint.save_interval=100"]
     save = str(tmp_path / "run")
     agent = torchrun(args, save)
     ranks = ranks_of(agent)

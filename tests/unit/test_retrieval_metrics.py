@@ -132,3 +132,11 @@ def test_mmeb_groups_are_mmebs_36_sets_and_their_means():
     assert out["in_distribution"] == pytest.approx((0.8 + 0.6 + 1.0) / 3)
     assert out["out_of_distribution"] == pytest.approx((0.4 + 0.5) / 2)  # MySet is not MMEB's: in no group
     assert grouped_means({"MySet": 1.0}) == {}
+
+
+def test_the_default_cut_offs_are_one_five_and_ten():
+    """`moca eval` reports k = 1, 5 and 10 (BEIR's and ViDoRe's): every metric at exactly those cut-offs."""
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    out = retrieval_metrics(scores, ["q0", "q1"], ["d0", "d1"], {"q0": {"d0": 1.0}, "q1": {"d0": 1.0}})
+    assert sorted(k for k in out if "@" in k) == sorted(f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in (1, 5, 10))
+    assert out["mrr@1"] == 0.5 and out["mrr@5"] == 0.75 and out["queries"] == 2 and out["documents"] == 2
