@@ -346,6 +346,24 @@ def check_token_cross_entropy(logits, labels, weights, loss_tol, grad_rtol, grad
     assert a.grad[labels == IGNORE_INDEX].abs().sum() == 0
 
 
+def trec_eval_means(run_file, qrels_file, **cut_offs):
+    """pytrec_eval's means over the queries of a TREC run file and a BEIR qrels .tsv (header line first),
+    keyed as our metrics are: trec_eval_means(run, qrels, ndcg=10, recall=10) -> {"ndcg@10": ..., ...}."""
+    import pytrec_eval
+    run, judged = {}, {}
+    for line in open(run_file).read().splitlines():
+        qid, _, doc, _, score, _ = line.split()
+        run.setdefault(qid, {})[doc] = float(score)
+    for line in open(qrels_file).read().splitlines()[1:]:
+        if line:
+            qid, doc, grade = line.split("\t")
+            judged.setdefault(qid, {})[doc] = int(grade)
+    names = {"ndcg": "ndcg_cut", "recall": "recall"}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, {f"{names[m]}.{k}" for m, k in cut_offs.items()}).evaluate(run)
+    return {f"{m}@{k}": sum(v[f"{names[m]}_{k}"] for v in per_query.values()) / len(per_query)
+            for m, k in cut_offs.items()} | {"queries": len(per_query)}
+
+
 def pytrec_means(scores, query_ids, doc_ids, qrels, k):
     """pytrec_eval's per-query ndcg_cut_k / recall_k and recip_rank over the top k, averaged as BEIR does."""
     import pytrec_eval  # the dev extra installs it: a missing reference is a failure, not a skip

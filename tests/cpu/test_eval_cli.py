@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import REPO, run_moca, run_torchrun, write_stage1_shards
+from helpers import REPO, run_moca, run_torchrun, trec_eval_means, write_stage1_shards
 
 
 def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
@@ -19,11 +19,13 @@ def test_standin_then_eval_prints_metrics_last(tiny_hf_dir, tmp_path):
     assert len(queries) == len(corpus) == 8  # the 8 of 12 documents that have an image
     assert all(os.path.isfile(os.path.join(standin, c["image"])) for c in corpus)
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", standin, "--max-length", "120",
-                    "--min-pixels", "3136", "--max-pixels", "12544")
+                    "--min-pixels", "3136", "--max-pixels", "12544", "--output", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 8 and metrics["documents"] == 8 and metrics["task"] == "retrieval"
-    assert 0 <= metrics["ndcg@5"] <= 1 and metrics["recall@10"] == 1.0  # 8 documents: all within the top 10
+    assert metrics["recall@10"] == 1.0  # 8 documents: all within the top 10
+    theirs = trec_eval_means(tmp_path / "results" / "run.trec", os.path.join(standin, "qrels", "test.tsv"), ndcg=5)
+    assert theirs == {"ndcg@5": pytest.approx(metrics["ndcg@5"], abs=1e-6), "queries": 8}
     # torchrun: each of 2 ranks embeds half the inputs, rank 0 reports the one-process numbers
     proc = run_torchrun(2, os.path.join(REPO, "megatron_moca", "cli.py"), "eval", "--model", tiny_hf_dir, "--task",
                         "retrieval", "--data", standin, "--max-length", "120", "--min-pixels", "3136",

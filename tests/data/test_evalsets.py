@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import run_moca
+from helpers import run_moca, trec_eval_means
 from megatron_moca.errors import UserError
 from megatron_moca.eval.retrieval import Prompts, dataset_prompts
 from megatron_moca.eval.tuxpaint import stamp_pairs
@@ -59,11 +59,16 @@ def test_tuxpaint_set_has_the_documented_counts_and_evaluates(tiny_hf_dir, tmp_p
     again = run_moca("data", "evalset", "--name", "tuxpaint", "--output", out, "--cache", cache)
     assert again.returncode == 2 and "holds 'notes.txt', which megatron_moca did not write there" in again.stderr
     assert open(os.path.join(out, "notes.txt")).read() == "mine"
+    results = tmp_path_factory.mktemp("results") / "tuxpaint"
     proc = run_moca("eval", "--model", tiny_hf_dir, "--task", "retrieval", "--data", out, "--max-length", "64",
-                    "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64")
+                    "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64", "--output", str(results))
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert metrics["queries"] == 707 and metrics["documents"] == 792 and 0 <= metrics["ndcg@10"] <= 1
+    assert metrics["queries"] == 707 and metrics["documents"] == 792
+    # trec_eval on the run file (top 100 of 792) and the set's qrels (several positives per caption) agrees
+    theirs = trec_eval_means(results / "run.trec", os.path.join(out, "qrels", "test.tsv"), ndcg=10, recall=10)
+    assert theirs == {"ndcg@10": pytest.approx(metrics["ndcg@10"], abs=1e-6),
+                      "recall@10": pytest.approx(metrics["recall@10"], abs=1e-6), "queries": 707}
 
 
 def test_outline_sections_run_to_the_next_entry_at_their_level():
@@ -110,4 +115,8 @@ def test_flags_set_scores_in_the_mmeb_harness(tiny_hf_dir, tmp_path_factory):
                     "--min-pixels", "3136", "--max-pixels", "3136", "--batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(metrics["subsets"]) == {"CountryFlags"} and 0 <= metrics["overall"] <= 1
+    # hit@1 over the 271 rows (a whole number of hits); CountryFlags is not one of MMEB's 36 sets, so it
+    # joins no meta-task or IND / OOD mean, and overall is that one subset's score
+    hits = metrics["overall"] * 271
+    assert metrics == {"task": "mmeb", "overall": metrics["overall"], "subsets": {"CountryFlags": metrics["overall"]}}, metrics
+    assert hits == pytest.approx(round(hits), abs=1e-9)
