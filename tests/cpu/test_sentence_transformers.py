@@ -26,7 +26,8 @@ model = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
 out = {
     "text": model.encode(["a harbour at dawn", "the mountain of 3 forests"]).tolist(),
     "image_text": model.encode([{"image": Image.open(images[0]), "text": "a picture"},
-                                {"image": Image.open(images[1]), "text": "x <img> y"}]).tolist(),
+                                {"image": Image.open(images[1]), "text": "x <img> y"},
+                                {"image": Image.open(images[2]), "text": "a horse"}]).tolist(),
     "page": model.encode([Image.open(images[0])], prompt_name="image_document").tolist(),
     # past the folder's max_length (256): text cut, an image that would be cut dropped whole (the other kept)
     "cut": model.encode(["harbour " * 400]).tolist() + model.encode([
@@ -50,7 +51,8 @@ def test_sentence_transformers_embeds_a_release_as_moca_embedder(tiny_hf_dir, tm
     prompts = json.load(open(os.path.join(release, "config_sentence_transformers.json")))["prompts"]
     assert prompts["image_document"] == "<img>\nRepresent the given document image."
     pairs = write_pairs(tmp_path / "pairs", text_rows=1, image_rows=1)
-    images = [os.path.join(pairs, "images", f"p{i}.png") for i in (0, 3)]
+    # three grids in one batch: 200x200 grey, 448x172 grey, 400x328 RGBA (patch grids 8x8, 4x12, 6x8 here)
+    images = [os.path.join(pairs, "images", f"p{i}.png") for i in (0, 5, 4)]
     proc = subprocess.run([sys.executable, "-c", ST_SCRIPT, release, *images], capture_output=True, text=True,
                           env=child_env(), cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +60,8 @@ def test_sentence_transformers_embeds_a_release_as_moca_embedder(tiny_hf_dir, tm
     embedder = MocaEmbedder(release, device="cpu")
     ours = {"text": embedder.embed(["a harbour at dawn", "the mountain of 3 forests"]),
             "image_text": embedder.embed([{"text": PLACEHOLDER + "a picture", "images": [images[0]]},
-                                          {"text": "x " + PLACEHOLDER + " y", "images": [images[1]]}]),
+                                          {"text": "x " + PLACEHOLDER + " y", "images": [images[1]]},
+                                          {"text": PLACEHOLDER + "a horse", "images": [images[2]]}]),
             "page": embedder.embed([{"text": PLACEHOLDER + "\nRepresent the given document image.",
                                      "images": [images[0]]}]),
             "cut": embedder.embed(["harbour " * 400, {"text": PLACEHOLDER + "short", "images": [images[1]]},
