@@ -8,8 +8,6 @@ import shutil
 import pytest
 
 from helpers import run_moca, trec_eval_means
-from megatron_moca.errors import UserError
-from megatron_moca.eval.retrieval import Prompts, dataset_prompts
 from megatron_moca.eval.tuxpaint import stamp_pairs
 
 needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt-get is not on this machine")
@@ -31,15 +29,6 @@ def test_stamp_rules(tmp_path):
     stamp("food/pear", "A pear.")  # caption without an image
     assert [(os.path.relpath(p, tmp_path), c) for p, c in stamp_pairs(str(tmp_path))] == [
         ("animals/frog.png", "A frog."), ("space/moon.svg", "The Moon.")]
-
-
-def test_dataset_prompts_override_the_task_default(tmp_path):
-    assert dataset_prompts(str(tmp_path), Prompts()) == Prompts()
-    (tmp_path / "moca_prompts.json").write_text(json.dumps({"query": "Q: {text}"}))
-    assert dataset_prompts(str(tmp_path), Prompts()) == Prompts(query="Q: {text}")
-    (tmp_path / "moca_prompts.json").write_text(json.dumps({"queries": "Q: {text}"}))
-    with pytest.raises(UserError, match="keys among"):
-        dataset_prompts(str(tmp_path), Prompts())
 
 
 @needs_apt
