@@ -110,3 +110,96 @@ def test_a_byte_item_outside_its_file_is_refused(where, tmp_path):
     rewrite_item(folder, metadata, index, offset=offset, length=length)
     with pytest.raises(UserError, match=rf"bytes {offset}\.\.{offset + length} lie outside the {size}-byte file"):
         audit_torch_dcp(str(folder))
+
+
+class RunsCode:
+    """Pickles as a call of os.getcwd: harmless, but a call all the same, which loading must refuse."""
+
+    def __reduce__(self):
+        import os
+        return os.getcwd, ()
+
+
+def two_byte_items(folder):
+    """A dcp folder of two pickled items, the first at offset 0 and the second ending at the file's end."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"a": {"x": 1}, "b": {"y": [2, 3]}}, checkpoint_id=str(folder))
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    first, second = sorted(metadata.storage_data, key=lambda i: metadata.storage_data[i].offset)
+    return metadata, first, second
+
+
+def test_items_at_the_very_start_and_end_of_their_file_pass(tmp_path):
+    import os
+    from megatron_moca.safe_load import audit_torch_dcp
+    metadata, first, second = two_byte_items(tmp_path / "ckpt")
+    a, b = metadata.storage_data[first], metadata.storage_data[second]
+    assert a.offset == 0 and b.offset + b.length == os.path.getsize(tmp_path / "ckpt" / b.relative_path)
+    audit_torch_dcp(str(tmp_path / "ckpt"))
+
+
+def test_a_payload_in_the_second_item_of_a_file_is_refused(tmp_path):
+    """Each item is read at its own offset (the first one's bytes are harmless)."""
+    import io
+    import torch
+    from megatron_moca.safe_load import audit_torch_dcp
+    folder = tmp_path / "ckpt"
+    metadata, first, second = two_byte_items(folder)
+    info = metadata.storage_data[second]
+    payload = io.BytesIO()
+    torch.save(RunsCode(), payload)
+    with open(folder / info.relative_path, "r+b") as f:
+        f.truncate(info.offset)
+        f.seek(info.offset)
+        f.write(payload.getvalue())
+    rewrite_item(folder, metadata, second, length=len(payload.getvalue()))
+    with pytest.raises(UnsafeFileError, match=r"__0_0\.distcp \(item b\.y\): refused to load: it asks for posix\.getcwd"):
+        audit_torch_dcp(str(folder))
+
+
+def test_only_a_non_empty_extra_state_counts_as_a_payload():
+    import io
+    import torch
+    from megatron_moca.safe_load import _holds_bytes
+    assert not _holds_bytes(None) and not _holds_bytes(io.BytesIO()) and not _holds_bytes(torch.empty(0))
+    assert not _holds_bytes([None, io.BytesIO(), torch.empty(0, dtype=torch.uint8)])
+    assert _holds_bytes(io.BytesIO(b"x")) and _holds_bytes(torch.zeros(1, dtype=torch.uint8))
+    assert _holds_bytes((None, io.BytesIO(b"x"))) and _holds_bytes([torch.empty(0), torch.ones(2)])
+
+
+def test_load_weights_only_names_the_file_and_the_problem(tmp_path):
+    import torch
+    from megatron_moca.errors import UserError
+    from megatron_moca.safe_load import load_weights_only
+    path = tmp_path / "state.pt"
+    torch.save({"step": 3, "rng": torch.arange(4)}, path)
+    loaded = load_weights_only(str(path))
+    assert loaded["step"] == 3 and torch.equal(loaded["rng"], torch.arange(4))
+    with pytest.raises(UserError) as err:
+        load_weights_only(str(tmp_path / "absent.pt"))
+    assert str(err.value) == f"{tmp_path / 'absent.pt'}: missing"
+    path.write_bytes(path.read_bytes()[:300])  # cut short: torch's zip reader fails
+    with pytest.raises(UserError) as err:
+        load_weights_only(str(path), "the optimizer state")
+    with pytest.raises(RuntimeError) as raw:
+        torch.load(str(path), weights_only=True)
+    first_line = str(raw.value).splitlines()[0]
+    assert len(first_line) > 200  # so the cut shows
+    assert str(err.value) == f"the optimizer state: not a readable torch file (RuntimeError: {first_line[:200]})"
+    torch.save(RunsCode(), path)
+    with pytest.raises(UnsafeFileError) as err:
+        load_weights_only(str(path))
+    assert str(err.value).startswith(f"{path}: refused to load: it asks for posix.getcwd, which is not checkpoint data")
+
+
+def test_a_persistent_id_is_shown_by_its_first_60_characters():
+    class WithPersistentId(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "p" * 100 if obj == "stored elsewhere" else None
+
+    data = io.BytesIO()
+    WithPersistentId(data, protocol=2).dump(["stored elsewhere"])
+    with pytest.raises(UnsafeFileError) as err:
+        MetadataUnpickler(io.BytesIO(data.getvalue()), "m").load()
+    assert str(err.value).startswith(f"m: refused to load: it asks for a persistent object {'p' * 60!r}, ")
