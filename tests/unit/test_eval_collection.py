@@ -97,6 +97,17 @@ def test_the_run_file_holds_every_score_exactly_in_trec_order(tmp_path):
         assert all(a[2] > b[2] or (a[2] == b[2] and a[1] > b[1]) for a, b in zip(ranked, ranked[1:]))
 
 
+class RecordingEmbedder(KnownEmbedder):
+    """KnownEmbedder that notes each embed() call: (how many items, batch_size, progress label)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, items, batch_size=8, progress=None):
+        self.calls.append((len(items), batch_size, progress))
+        return super().embed(items, batch_size, progress)
+
+
 def _gather_worker(rank, world, init, items, out):
     import torch.distributed as dist
 
@@ -104,20 +115,25 @@ def _gather_worker(rank, world, init, items, out):
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        gathered = ShardedEmbedder(KnownEmbedder()).embed(items, batch_size=2)
-        if rank == 0:
-            torch.save(gathered, out)
+        inner = RecordingEmbedder()
+        sharded = ShardedEmbedder(inner)
+        gathered = sharded.embed(items, batch_size=2, progress="queries")
+        torch.save({"gathered": gathered, "calls": inner.calls, "dimension": sharded.dimension}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, count", [(3, 4), (2, 1)])
-def test_the_sharded_embedder_gathers_every_rank_share_back_in_order(world, count, tmp_path):
+@pytest.mark.parametrize("world, count, shares", [(3, 4, [1, 1, 2]), (2, 1, [0, 1])])
+def test_the_sharded_embedder_gathers_every_rank_share_back_in_order(world, count, shares, tmp_path):
+    """Every rank gets all vectors in the original order; each embedded its contiguous share with the caller's
+    batch size, and only rank 0 shows progress."""
     import torch.multiprocessing as mp
 
     items = [f"item {i}" for i in range(count)]
     out = str(tmp_path / "gathered.pt")
     mp.spawn(_gather_worker, args=(world, f"file://{tmp_path / 'rdzv'}", items, out), nprocs=world)
-    gathered = torch.load(out)
-    assert torch.equal(gathered, KnownEmbedder().embed(items))
-    assert os.path.getsize(out) > 0
+    for rank in range(world):
+        result = torch.load(f"{out}.{rank}")
+        assert torch.equal(result["gathered"], KnownEmbedder().embed(items)) and result["dimension"] == 8
+        label = f"queries (rank 0 of {world})" if rank == 0 else None
+        assert result["calls"] == [(shares[rank], 2, label)]
