@@ -77,9 +77,25 @@ def tokens_through(step):
     return sum(10.0 * i for i in range(1, step + 1))
 
 
-def test_a_run_logs_saves_and_finishes_with_the_running_token_count(one_process_group, tmp_path):
+@pytest.fixture
+def closes(monkeypatch):
+    """How many times the loop closed its metrics writer."""
+    from megatron_moca.training.metrics import MetricsWriter
+
+    count, close = [0], MetricsWriter.close
+
+    def counted(self):
+        count[0] += 1
+        close(self)
+
+    monkeypatch.setattr(MetricsWriter, "close", counted)
+    return count
+
+
+def test_a_run_logs_saves_and_finishes_with_the_running_token_count(one_process_group, closes, tmp_path):
     stage = FakeStage()
     last = train(stage, settings(tmp_path), 0)
+    assert closes == [1]
     assert stage.steps == [0, 1, 2, 3, 4] and stage.applied == [1, 2, 3, 4, 5]
     assert stage.saved == [(2, tokens_through(2)), (4, tokens_through(4)), (5, tokens_through(5))]
     assert stage.finished == (5, tokens_through(5))
@@ -116,10 +132,11 @@ def test_a_run_already_at_its_end_takes_no_step(one_process_group, tmp_path):
 @pytest.mark.parametrize("where, applied, when", [("loss", [1, 2], "before applying it"),
                                                    ("grad_norm", [1, 2], "before applying it"),
                                                    ("norm_after", [1, 2, 3], "after applying it")])
-def test_the_loop_applies_nothing_of_a_non_finite_step(where, applied, when, one_process_group, tmp_path):
+def test_the_loop_applies_nothing_of_a_non_finite_step(where, applied, when, one_process_group, closes, tmp_path):
     stage = FakeStage(bad=3, where=where)
     with pytest.raises(TrainingError) as err:
         train(stage, settings(tmp_path, train_iters=6, log_interval=1), 0)
+    assert closes == [1]  # the writer is closed on the way out too
     what = "loss" if where == "loss" else "gradient norm"
     assert str(err.value).startswith(f"non-finite {what} (")
     assert f"at iteration 3: the run stopped {when}; the last good checkpoint is {tmp_path}/iter_0000002" in str(err.value)
@@ -199,7 +216,8 @@ def test_the_prologue_claims_the_folder_and_writes_the_resolved_config(one_proce
     open_run_directory(cfg, None, 0, "moca pretrain")
     assert is_ours(cfg.checkpoint.save) and sorted(os.listdir(cfg.checkpoint.save)) == [".megatron_moca",
                                                                                         "config.yaml"]
-    assert yaml.safe_load(open(tmp_path / "run" / "config.yaml")) == to_dict(cfg)
+    written = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+    assert written == to_dict(cfg) and list(written) == list(to_dict(cfg))  # in the config's own order
     cfg.train.train_iters += 1  # written again, replaced whole
     write_resolved_config(cfg)
     assert yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["train"]["train_iters"] == cfg.train.train_iters
