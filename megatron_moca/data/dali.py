@@ -35,29 +35,44 @@ def dali_available() -> bool:
         return False
 
 
+def image_graph(decode_device: str, resize_device: str):
+    """The decode + resize graph (inside a pipeline definition): encoded bytes and each image's target
+    (height, width) fed from Python. The target size is a named argument, and DALI takes named argument
+    inputs from the CPU only ("Named arguments must be on CPU", nvidia/dali/ops/__init__.py), so it stays there
+    while the images move to the GPU in the "mixed" decoder."""
+    from nvidia.dali import fn, types
+
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+    size = fn.external_source(name="size", dtype=types.FLOAT)
+    image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    return fn.resize(image, device=resize_device, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+
+
+def build_pipeline(device_id: Optional[int], max_batch: int, num_threads: int):
+    """The built pipeline: GPU decode ("mixed") and resize on `device_id`, or the CPU operators (None). Where
+    the simulated tier asks for it and CUDA is absent, standins/dali_gpu.py stands in for the GPU one."""
+    from nvidia.dali import pipeline_def
+
+    from megatron_moca import standins
+
+    options = dict(batch_size=max_batch, num_threads=num_threads, prefetch_queue_depth=1)
+    if device_id is not None and standins.enabled("dali_gpu"):
+        from megatron_moca.standins.dali_gpu import GpuPipelineStandin
+
+        return GpuPipelineStandin(image_graph, ("mixed", "gpu"), device_id, options)
+    placement = ("mixed", "gpu") if device_id is not None else ("cpu", "cpu")
+    pipe = pipeline_def(image_graph, device_id=device_id, **options)(*placement)
+    pipe.build()
+    return pipe
+
+
 class DaliImageDecoder:
     """Decode + resize batches of encoded images with one DALI pipeline (GPU when `device_id` is set)."""
 
     def __init__(self, cfg: ImageProcessingConfig = ImageProcessingConfig(), max_batch: int = 64,
                  device_id: Optional[int] = None, num_threads: int = 2):
-        from nvidia.dali import fn, pipeline_def, types
-
-        self.cfg, self.device_id = cfg, device_id
-        decode_device = "mixed" if device_id is not None else "cpu"
-        resize_device = "gpu" if device_id is not None else "cpu"
-
-        @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
-        def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-            size = fn.external_source(name="size", dtype=types.FLOAT)
-            image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-            if resize_device == "gpu":
-                size = size.gpu()
-            return fn.resize(image, device=resize_device, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
-
-        self.max_batch = max_batch
-        self.pipe = pipeline()
-        self.pipe.build()
+        self.cfg, self.device_id, self.max_batch = cfg, device_id, max_batch
+        self.pipe = build_pipeline(device_id, max_batch, num_threads)
 
     def __call__(self, images: Sequence[bytes]) -> List[Tuple[torch.Tensor, Tuple[int, int, int]]]:
         """(uint8 one-frame rows [N, 588], grid_thw) per image, on the decoder's device."""
