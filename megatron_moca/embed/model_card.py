@@ -68,8 +68,13 @@ def _results_section(results) -> str:
 
     parts = []
     for r in results:
-        metrics = {k: v for k, v in flat_metrics(r["metrics"]).items() if isinstance(v, (int, float)) and k != "task"}
-        parts.append(f"**{r['task']}** on `{r['data']}`\n\n{_table(metrics)}")
+        flat = flat_metrics(r["metrics"])
+        metrics = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        prompts = {k: v for k, v in flat.items() if "prompts/" in f"{k}" and isinstance(v, str)}
+        part = f"**{r['task']}** on `{r['data']}`\n\n{_table(metrics)}"
+        if prompts:
+            part += "\n\nPrompts:\n\n" + "\n".join(f"- {k}: `{json.dumps(v)[1:-1]}`" for k, v in prompts.items())
+        parts.append(part)
     return "\n\n".join(parts)
 
 

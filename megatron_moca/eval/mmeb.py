@@ -159,4 +159,9 @@ def evaluate_mmeb(embedder, data: List[MmebSubset], batch_size: int = 8, log=Non
             log(f"{subset.name}: hit@1 {results[subset.name]['hit@1']:.4f} over {results[subset.name]['rows']} rows")
     overall = sum(r["hit@1"] for r in results.values()) / len(results)
     hits = {name: r["hit@1"] for name, r in results.items()}
-    return {"overall": overall, **grouped_means(hits), "subsets": hits}
+    return {"overall": overall, **grouped_means(hits), "subsets": hits, "prompts": MMEB_PROMPTS}
+
+
+MMEB_PROMPTS = {"query": "each row's qry_text as MMEB gives it (its instruction included)",
+                "candidates": "each row's tgt_text as given", "image": "<|image_1|> marks where the image goes"}
+"""What the MMEB harness embeds (recorded with its scores): the rows' own texts, no prompt of ours."""

@@ -6,6 +6,7 @@ where an entry's image goes), scored by cosine similarity, and ranked over the w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -34,7 +35,6 @@ PROMPTS_FILE = "moca_prompts.json"
 
 def dataset_prompts(folder: str, default: Prompts) -> Prompts:
     """The prompts a data folder asks for in its moca_prompts.json (stand-ins built here write one), else default."""
-    import dataclasses
     import os
 
     from megatron_moca.errors import UserError
@@ -73,8 +73,8 @@ def _item(entry: Entry, template: str):
 
 @dataclass
 class RetrievalResult:
-    metrics: Dict[str, float]
-    """BEIR's means (the line `moca eval` prints)."""
+    metrics: Dict[str, object]
+    """BEIR's means (the line `moca eval` prints) and the prompts they were measured with."""
     per_query: Dict[str, Dict[str, float]]
     """Each evaluated query's metrics."""
     run: List[tuple]
@@ -114,4 +114,6 @@ def evaluate_retrieval(embedder, data: BeirData, prompts: Prompts = Prompts(), b
     order = rankings(scores, doc_ids, min(max(RUN_DEPTH, 10), len(doc_ids)))
     per_query = per_query_metrics(scores, query_ids, doc_ids, data.qrels, order=order)
     run = [(qid, [(doc_ids[j], float(scores[i, j])) for j in order[i]]) for i, qid in enumerate(query_ids)]
-    return RetrievalResult(mean_metrics(per_query, len(doc_ids)), per_query, run)
+    # the prompts go with the scores (results.json, moca_results.json, the card): a score is reproducible
+    return RetrievalResult({**mean_metrics(per_query, len(doc_ids)), "prompts": dataclasses.asdict(prompts)},
+                           per_query, run)

@@ -94,7 +94,8 @@ def test_mmeb_hit_at_1_per_subset(tiny_hf_dir, tmp_path):
                     "--min-pixels", "3136", "--max-pixels", "12544")
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert metrics == {"task": "mmeb", "overall": 0.75, "subsets": {"SetA": 1.0, "SetB": 0.5}}
+    from megatron_moca.eval.mmeb import MMEB_PROMPTS
+    assert metrics == {"task": "mmeb", "overall": 0.75, "subsets": {"SetA": 1.0, "SetB": 0.5}, "prompts": MMEB_PROMPTS}
     assert "SetA: hit@1 1.0000 over 1 rows" in proc.stdout
 
 

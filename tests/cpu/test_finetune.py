@@ -97,6 +97,11 @@ def test_run_directory_contract_and_a_release_that_learned(tiny_hf_dir, pairs, t
     card = open(os.path.join(release, "README.md")).read()
     assert f"**retrieval** on `{data}`" in card and f"| ndcg@10 | {metrics['ndcg@10']:.4f} |" in card
     assert json.load(open(os.path.join(release, "moca_results.json")))[0]["metrics"] == metrics
+    # the prompts the scores were measured with go with them (the retrieval task's: no moca_prompts.json here)
+    assert metrics["prompts"] == {"query": "{text}", "document": "{text}",
+                                  "image_document": "<img>\nRepresent the given document image."}
+    assert "Prompts:\n\n- prompts/query: `{text}`\n- prompts/document: `{text}`\n" \
+           "- prompts/image_document: `<img>\\nRepresent the given document image.`" in card
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_hf_dir, pairs, tmp_path):

@@ -107,5 +107,6 @@ def test_flags_set_scores_in_the_mmeb_harness(tiny_hf_dir, tmp_path_factory):
     # hit@1 over the 271 rows (a whole number of hits); CountryFlags is not one of MMEB's 36 sets, so it
     # joins no meta-task or IND / OOD mean, and overall is that one subset's score
     hits = metrics["overall"] * 271
-    assert metrics == {"task": "mmeb", "overall": metrics["overall"], "subsets": {"CountryFlags": metrics["overall"]}}, metrics
+    assert metrics == {"task": "mmeb", "overall": metrics["overall"], "subsets": {"CountryFlags": metrics["overall"]},
+                       "prompts": metrics["prompts"]}, metrics
     assert hits == pytest.approx(round(hits), abs=1e-9)
