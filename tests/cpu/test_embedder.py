@@ -151,3 +151,25 @@ def test_uint8_image_rows_normalised_on_the_device_embed_exactly_as_float_pixels
         a = pooled_embeddings(embedder.model.model, floats, embedder.device)
         b = pooled_embeddings(embedder.model.model, frames, embedder.device)
     assert torch.equal(a, b)
+
+
+def test_always_running_the_vision_tower_changes_no_embedding_and_gives_it_zero_gradients(embedder, items):
+    """FSDP runs the vision tower on a text-only batch too (every rank must run every sharded module): the
+    blank image's features join with weight 0, so the embeddings are the same bit for bit and the vision
+    tower gets gradients of exactly zero (present, as FSDP's reduce-scatter expects)."""
+    from megatron_moca.training.contrastive_step import PooledEncoder
+
+    texts = embedder.inputs.batch([i for i in items if isinstance(i, str)])
+    assert texts["pixel_values"] is None
+    backbone = embedder.model.model
+    plain, always = (PooledEncoder(backbone, embedder.device, always_run_vision=run) for run in (False, True))
+    backbone.zero_grad(set_to_none=True)
+    a = plain(texts)
+    a.sum().backward()
+    assert all(p.grad is None for p in backbone.visual.parameters())
+    b = always(texts)
+    assert torch.equal(a, b)
+    b.sum().backward()
+    vision = [p.grad for p in backbone.visual.parameters()]
+    assert all(g is not None and not g.any() for g in vision)
+    backbone.zero_grad(set_to_none=True)

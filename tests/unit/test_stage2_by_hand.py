@@ -98,3 +98,92 @@ def test_tokens_and_flops_of_a_global_batch_do_not_depend_on_how_it_is_split(tmp
     assert totals["one"][0] == totals["two"][0] == totals["chunked"][0] > 0
     assert totals["one"][1] == pytest.approx(totals["two"][1], rel=1e-12)
     assert totals["chunked"][1] == pytest.approx(totals["one"][1] * 4 / 3, rel=1e-12)
+
+
+class LinearEncoder(torch.nn.Module):
+    """A stand-in encoder: batch["x"] [n, 4] -> L2-normalised W x (an embedder's contract: one unit vector per row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, batch):
+        return F.normalize(batch["x"] @ self.weight.T, dim=-1)
+
+
+def chunks(rows, sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append({"x": rows[start:start + size]})
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("with_negatives", [True, False])
+def test_one_chunk_per_group_is_a_plain_backward_and_more_run_grad_cache_to_the_same_gradients(with_negatives):
+    """The step on whole groups (no GradCache) equals the loops' loss; split into chunks it runs GradCache and
+    gives the same loss and gradient - both computed through the step's own call, not its pieces."""
+    g = torch.Generator().manual_seed(7)
+    q, p, n = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g), torch.randn(3, 4, generator=g)
+    counts = [1, 0, 2, 0] if with_negatives else [0, 0, 0, 0]
+    index = hard_negative_index(counts, 2)
+    results = {}
+    for name, sizes in (("whole", (4,)), ("chunked", (1, 3))):
+        encoder = LinearEncoder()
+        step = ContrastiveStep(encoder, ContrastiveConfig(temperature=0.05, hard_negatives=2), torch.device("cpu"),
+                               False)
+        batch = {"negative_index": index, "queries": chunks(q, sizes), "positives": chunks(p, sizes),
+                 "negatives": chunks(n, (3,) if name == "whole" else (2, 1)) if with_negatives else []}
+        loss, metrics, chunked = step(batch)
+        results[name] = (loss.item(), encoder.weight.grad.clone(), chunked)
+    assert results["whole"][2] is False and results["chunked"][2] is True
+    assert results["chunked"][0] == pytest.approx(results["whole"][0], rel=1e-6)
+    assert torch.allclose(results["chunked"][1], results["whole"][1], atol=1e-6)
+    with torch.no_grad():
+        encoder = LinearEncoder()
+        qe, pe, ne = (encoder({"x": x}) for x in (q, p, n))
+    lists = [[ne[0], ne[0]], [], [ne[1], ne[2]], []] if with_negatives else [[], [], [], []]
+    assert results["whole"][0] == pytest.approx(loop_loss(qe, pe, lists, 0.05)[0], rel=1e-5)
+
+
+def _pad_worker(rank, init, out):
+    import json
+
+    import torch.distributed as dist
+
+    from megatron_moca.training.contrastive_step import pad_negative_chunks
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        real = [{"input_ids": torch.full((2, 3), rank + 5)}] * (1 if rank == 0 else 3)
+        step = {"negative_index": torch.zeros(1, 1), "negatives": real, "queries": []}
+        padded = pad_negative_chunks(step, torch.device("cpu"))
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump([c["input_ids"].tolist() for c in padded["negatives"]], f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_as_many_negative_chunks_as_the_rank_with_most_padding_after_its_own(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from megatron_moca.training.contrastive_step import pad_negative_chunks, padding_chunk
+
+    out = str(tmp_path / "chunks")
+    mp.spawn(_pad_worker, args=(f"file://{tmp_path / 'rdzv'}", out), nprocs=2)
+    first, second = (json.load(open(f"{out}.{rank}")) for rank in range(2))
+    pad = padding_chunk()["input_ids"].tolist()
+    assert first == [[[5, 5, 5]] * 2, pad, pad] and second == [[[6, 6, 6]] * 2] * 3
+    alone = {"negatives": [{"input_ids": torch.ones(1, 1)}]}
+    assert pad_negative_chunks(alone, torch.device("cpu")) is alone  # no process group: nothing to match
+
+
+def test_a_padding_chunk_is_one_valid_text_token_at_position_zero():
+    from megatron_moca.training.contrastive_step import padding_chunk
+
+    chunk = padding_chunk()
+    assert chunk["input_ids"].tolist() == [[0]] and chunk["valid"].tolist() == [[True]]
+    assert chunk["position_ids"].shape == (3, 1, 1) and not chunk["position_ids"].any()  # M-RoPE: 3 axes
+    assert chunk["pixel_values"] is None and chunk["image_grid_thw"] is None
